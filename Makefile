@@ -1,0 +1,45 @@
+# vidiff: `make demo` and `make test` do all setup on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# Without a GPU the CPU build of torch is installed: here from the local wheel pip is configured with;
+# elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+else
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup clean-demo
+	$(BIN)/vidiff shards --synthetic 128 --out runs/demo/shards --max-count 32
+	launchers/local.sh configs/vae/demo.yaml
+	launchers/local.sh configs/demo.yaml
+	$(BIN)/vidiff sample configs/demo.yaml
+	@echo
+	@echo "samples:     $$(ls runs/demo/dit/samples/*/*.mp4 | head -n 1) (and the rest of that folder)"
+	@echo "tensorboard: $(BIN)/tensorboard --logdir runs/demo"
+
+clean-demo:
+	rm -rf runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q -rs --durations=10 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

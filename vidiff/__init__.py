@@ -1,0 +1,1 @@
+"""vidiff: latent video diffusion at cluster scale."""

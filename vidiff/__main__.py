@@ -1,0 +1,3 @@
+from vidiff.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""vidiff train | sample | shards. A bad config exits with status 2 before any process group starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vidiff.config import ConfigError, RunConfig, load_config
+
+EXIT_BAD_CONFIG = 2
+
+
+def _prepare_environment() -> None:
+    """DeepSpeed picks its accelerator at import; without a CUDA GPU that is the CPU (gloo)."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"vidiff: bad config\n{exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    print(f"{args.config}: ok ({cfg.task} run, out_dir {cfg.out_dir})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    _prepare_environment()
+    from vidiff.train.trainer import train
+
+    run_dir = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    import torch
+
+    from vidiff.data.pipeline import to_uint8
+    from vidiff.data.video import contact_sheet, encode_mp4
+    from vidiff.diffusion.cascade import generate
+    from vidiff.diffusion.edm import Precond
+    from vidiff.models.dit import DiT
+    from vidiff.models.text import TextEncoder
+    from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
+    from vidiff.train.checkpoint import latest_tag, load_export, load_vae
+
+    run_dir = Path(args.run or cfg.out_dir)
+    run_cfg, weights = load_export(run_dir)
+    if run_cfg.task != "dit":
+        print(f"vidiff: {run_dir} is a {run_cfg.task!r} run; sample needs a DiT run", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    torch.set_grad_enabled(False)
+    vae = load_vae(run_cfg.vae.checkpoint)
+    text = TextEncoder(run_cfg.text)
+    model = Precond(DiT(run_cfg.model, vae.cfg.latent_channels, text.dim), run_cfg.edm.sigma_data)
+    model.load_state_dict(weights)
+    model.eval()
+
+    data = run_cfg.data
+    latent_shape = (vae.cfg.latent_channels, latent_frames(data.frames),
+                    data.height // SPATIAL_FACTOR, data.width // SPATIAL_FACTOR)
+    prompts = args.prompt or cfg.sample.prompts
+    videos = generate(model, text, vae.decode, prompts, latent_shape, cfg.sample, run_cfg.edm)
+
+    out = Path(args.out) if args.out else run_dir / "samples" / latest_tag(run_dir).name
+    out.mkdir(parents=True, exist_ok=True)
+    clips = [to_uint8(v) for v in videos]
+    for i, (prompt, clip) in enumerate(zip(prompts, clips)):
+        path = out / f"{i:03d}_{'_'.join(prompt.split())[:60]}.mp4"
+        encode_mp4(clip, cfg.sample.fps, path)
+        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[2]}x{clip.shape[1]})")
+    contact_sheet(clips, out / "contact_sheet.png")
+    print(f"wrote {out / 'contact_sheet.png'}")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from vidiff.data.shards import folder_samples, synthetic_samples, write_shards
+
+    if bool(args.synthetic) == bool(args.input):
+        print("vidiff shards: give either --synthetic N or --input FOLDER", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    if args.synthetic:
+        samples = synthetic_samples(args.synthetic, args.height, args.width, args.frames, args.fps, args.seed)
+    else:
+        samples = folder_samples(args.input)
+    index = write_shards(samples, args.out, args.prefix, max_count=args.max_count,
+                         max_bytes=int(args.max_mb * 2**20), total=args.synthetic or None)
+    print(f"wrote shards and {index}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidiff", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment as well).
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", help="run config YAML")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4 train.steps=50")
+        return p
+
+    p = with_config(sub.add_parser("train", help="train the run's network (under the deepspeed launcher)"))
+    p.set_defaults(func=cmd_train)
+
+    p = with_config(sub.add_parser("check", help="validate a run config and exit"))
+    p.set_defaults(func=cmd_check)
+
+    p = with_config(sub.add_parser("sample", help="sample videos from a DiT run's latest checkpoint"))
+    p.add_argument("--run", help="the DiT run folder (default: the config's out_dir)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: sample.prompts")
+    p.add_argument("--out", help="output folder (default: RUN/samples/<tag>)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("shards", help="write webdataset shards from a video folder or the synthetic generator")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--input", help="folder of videos with .txt caption sidecars")
+    p.add_argument("--synthetic", type=int, default=0, help="number of synthetic moving-shape clips")
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
+    p.add_argument("--max-mb", type=float, default=1024, help="shard size limit in MiB")
+    p.set_defaults(func=cmd_shards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

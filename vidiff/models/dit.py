@@ -1,0 +1,159 @@
+"""Latent spacetime DiT (Peebles & Xie 2023) with factorized attention: spatial within a frame, temporal
+across frames at each location, cross attention to text tokens; adaLN-Zero conditioning on the noise level.
+
+The raw network F(x_in, c_noise, text, text_mask) of EDM: it never sees sigma itself (see diffusion/edm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vidiff.config import DiTConfig
+from vidiff.models.attention import Attention, sincos_3d
+
+# Size presets (DiT paper, Table 1): name -> (hidden_size, depth, num_heads).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class NoiseEmbedding(nn.Module):
+    """c_noise (B,) -> (B, D): sin/cos features of c_noise = ln(sigma)/4 at frequencies 1..1000, then an MLP."""
+
+    def __init__(self, dim: int, features: int = 256):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(0, 3, features // 2), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = c_noise.float()[:, None] * self.freqs[None]                # (B, features/2)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_s = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn_s = Attention(dim, heads)
+        self.norm_t = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn_t = Attention(dim, heads)
+        self.norm_x = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = Attention(dim, heads)
+        self.norm_m = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        B, T, N, D = x.shape                                                # (B, T, N, D)
+        (shift_s, scale_s, gate_s, shift_t, scale_t, gate_t,
+         shift_m, scale_m, gate_m) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)   # each (B, 1, 1, D)
+
+        h = rearrange(modulate(self.norm_s(x), shift_s, scale_s), "b t n d -> (b t) n d")
+        x = x + gate_s * rearrange(self.attn_s(h), "(b t) n d -> b t n d", b=B)
+
+        h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), "b t n d -> (b n) t d")
+        x = x + gate_t * rearrange(self.attn_t(h), "(b n) t d -> b t n d", b=B)
+
+        h = rearrange(self.norm_x(x), "b t n d -> b (t n) d")
+        x = x + rearrange(self.cross(h, text, text_mask), "b (t n) d -> b t n d", t=T)
+
+        return x + gate_m * self.mlp(modulate(self.norm_m(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c)[:, None, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W)."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        D, (pt, ph, pw) = cfg.hidden_size, cfg.patch_size
+        patch_dim = in_channels * pt * ph * pw
+        self.x_embed = nn.Linear(patch_dim, D)
+        self.noise_embed = NoiseEmbedding(D)
+        self.text_proj = nn.Linear(text_dim, D)
+        self.text_pool = nn.Linear(text_dim, D)
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:           # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+            nn.init.zeros_(block.cross.out.weight)
+            nn.init.zeros_(block.cross.out.bias)
+        nn.init.zeros_(self.final.adaLN[-1].weight)
+        nn.init.zeros_(self.final.adaLN[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"latent (T, H, W) = {(T, H, W)} is not divisible by patch_size {(pt, ph, pw)}")
+        Tp, Hp, Wp = T // pt, H // ph, W // pw
+        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        x = self.x_embed(x) + sincos_3d(Tp, Hp, Wp, self.cfg.hidden_size).to(x)        # (B, T', N, D)
+
+        mask = text_mask.to(text.dtype)[..., None]                          # (B, L, 1)
+        pooled = (text * mask).sum(1) / mask.sum(1).clamp(min=1)            # (B, Dt)
+        c = self.noise_embed(c_noise) + self.text_pool(pooled)              # (B, D)
+        context = self.text_proj(text)                                      # (B, L, D)
+
+        for block in self.blocks:
+            x = block(x, c, context, text_mask)
+        x = self.final(x, c)                                                # (B, T', N, patch_dim)
+        return rearrange(x, "b t (h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+
+
+def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, int]:
+    """Parameter count of each size preset with the given latent channels and text width."""
+    counts = {}
+    for name, (D, depth, heads) in PRESETS.items():
+        with torch.device("meta"):
+            model = DiT(DiTConfig(hidden_size=D, depth=depth, num_heads=heads), in_channels, text_dim)
+        counts[name] = count_parameters(model)
+    return counts
+

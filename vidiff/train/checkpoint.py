@@ -1,0 +1,107 @@
+"""Checkpoints: DeepSpeed's files plus vidiff_state.json and a gathered safetensors export per tag.
+
+runs/<name>/checkpoints/<tag>/ holds what DeepSpeed writes for every rank, `vidiff_state.json` (step,
+samples seen, each rank's data position, config digest, world size) and `model.safetensors` (full
+weights, for sampling and for the next stage without DeepSpeed). `latest` names the newest complete tag
+and moves, atomically, only after every rank has finished writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vidiff.config import RunConfig, load_config
+from vidiff.models.vae import VideoVAE
+
+STATE_NAME = "vidiff_state.json"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+class CheckpointError(FileNotFoundError):
+    """No usable checkpoint where one was expected."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_weights(module: nn.Module, path: Path) -> None:
+    """Gather the full weights (ZeRO-3 shards included; every rank must call) and write them on rank 0."""
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if _rank() == 0:
+            state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(path))
+
+
+def save(engine, run_dir: Path, step: int, state: dict) -> Path:
+    """Write checkpoint `step{step}` on every rank, then move `latest` to it. Returns the tag folder."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    export_weights(engine.module, ckpt_dir / tag / WEIGHTS_NAME)
+    if _rank() == 0:
+        _write_atomic(ckpt_dir / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=1))
+    _barrier()                              # every rank's files are on disk before `latest` moves
+    if _rank() == 0:
+        _write_atomic(ckpt_dir / "latest", tag)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def latest_tag(run_dir: Path) -> Path | None:
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    return latest.parent / latest.read_text().strip()
+
+
+def resume(engine, run_dir: Path) -> dict | None:
+    """Load the latest checkpoint into the engine (weights, optimizer, schedule); returns its vidiff state."""
+    tag_dir = latest_tag(run_dir)
+    if tag_dir is None:
+        return None
+    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    return json.loads((tag_dir / STATE_NAME).read_text())
+
+
+def load_export(run_dir: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The config and full weights of a run's latest checkpoint, without DeepSpeed."""
+    run_dir = Path(run_dir)
+    tag_dir = latest_tag(run_dir)
+    if tag_dir is None or not (tag_dir / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{run_dir} has no finished checkpoint (expected {run_dir}/checkpoints/latest)")
+    cfg = load_config(run_dir / CONFIG_NAME)
+    return cfg, load_file(str(tag_dir / WEIGHTS_NAME))
+
+
+def load_vae(run_dir: str | Path) -> VideoVAE:
+    """The frozen VAE of a finished VAE run."""
+    cfg, state = load_export(run_dir)
+    if cfg.task != "vae":
+        raise CheckpointError(f"{run_dir} is a {cfg.task!r} run; vae.checkpoint must name a VAE run")
+    vae = VideoVAE(cfg.vae)
+    vae.load_state_dict(state)
+    return vae.eval().requires_grad_(False)

@@ -1,0 +1,98 @@
+"""What a run trains: the VAE (reconstruction + KL) or the DiT (EDM loss on VAE latents).
+
+An objective builds the trainable module, turns a batch into a loss through the DeepSpeed engine, and
+prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vidiff.config import RunConfig
+from vidiff.diffusion.edm import Precond, edm_loss
+from vidiff.models.dit import DiT
+from vidiff.models.text import TextEncoder
+from vidiff.models.vae import VideoVAE, kl_divergence
+from vidiff.train.checkpoint import load_vae
+
+
+class Objective(Protocol):
+    def build_model(self) -> nn.Module: ...
+    def loss(self, engine, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def before_export(self, module: nn.Module) -> None: ...
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of videos in [-1, 1]."""
+    mse = ((x.clamp(-1, 1) - y) / 2).pow(2).mean()
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+class VAEObjective:
+    """L1 + MSE reconstruction plus a small KL term; tracks latent statistics for the exported scale."""
+
+    def __init__(self, cfg: RunConfig, ema_decay: float = 0.99):
+        self.cfg = cfg
+        self.ema_decay = ema_decay
+        self.latent_moments: torch.Tensor | None = None     # (2, z): EMA of per-channel E[mu], E[mu^2]
+
+    def build_model(self) -> nn.Module:
+        return VideoVAE(self.cfg.vae)
+
+    def loss(self, engine, batch, generator):
+        video = batch["video"]                                              # (B, 3, T, H, W)
+        recon, mean, logvar = engine(video, generator=generator)
+        l1, mse = (recon - video).abs().mean(), (recon - video).pow(2).mean()
+        kl = kl_divergence(mean, logvar)
+        moments = torch.stack([mean.detach().mean((0, 2, 3, 4)), mean.detach().pow(2).mean((0, 2, 3, 4))])
+        self.latent_moments = moments if self.latent_moments is None else (
+            self.ema_decay * self.latent_moments + (1 - self.ema_decay) * moments)
+        loss = l1 + mse + self.cfg.vae.kl_weight * kl
+        return loss, {"vae/l1": l1.item(), "vae/kl": kl.item(), "vae/psnr": psnr(recon.detach(), video).item()}
+
+    def before_export(self, module: nn.Module) -> None:
+        """Set the latent shift/scale from the ranks' averaged statistics, so encode() gives ~N(0, 1)."""
+        if self.latent_moments is None:                   # no step since resume: keep the saved statistics
+            return
+        moments = self.latent_moments.clone()
+        if dist.is_initialized():
+            dist.all_reduce(moments)
+            moments /= dist.get_world_size()
+        shift = moments[0]
+        scale = (moments[1] - shift.pow(2)).clamp(min=1e-8).sqrt()
+        module.latent_shift.copy_(shift)
+        module.latent_scale.copy_(scale)
+
+
+class DiTObjective:
+    """EDM loss on latents of the frozen VAE, conditioned on text; captions dropped for guidance."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.text = TextEncoder(cfg.text)
+        self.vae = load_vae(cfg.vae.checkpoint)
+
+    def build_model(self) -> nn.Module:
+        net = DiT(self.cfg.model, self.vae.cfg.latent_channels, self.text.dim)
+        return Precond(net, self.cfg.edm.sigma_data)
+
+    def loss(self, engine, batch, generator):
+        drop = torch.rand(len(batch["caption"]), generator=generator) < self.cfg.data.caption_dropout
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        text, text_mask = self.text(captions)
+        x0 = self.vae.encode(batch["video"])                                # (B, z, T', h, w)
+        edm = self.cfg.edm
+        loss = edm_loss(engine, x0, edm.sigma_data, edm.P_mean, edm.P_std, generator,
+                        text=text, text_mask=text_mask)
+        return loss, {}
+
+    def before_export(self, module: nn.Module) -> None:
+        pass
+
+
+def build_objective(cfg: RunConfig) -> Objective:
+    return VAEObjective(cfg) if cfg.task == "vae" else DiTObjective(cfg)

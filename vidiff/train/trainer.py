@@ -1,0 +1,122 @@
+"""The step loop: forward, backward, step, log, checkpoint cadence; resumes from the latest checkpoint."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vidiff.config import RunConfig, save_config
+from vidiff.data.pipeline import ShardLoader
+from vidiff.parallel.deepspeed import deepspeed_config
+from vidiff.train import checkpoint
+from vidiff.train.checkpoint import CONFIG_NAME
+from vidiff.train.monitor import Monitor
+from vidiff.train.objectives import build_objective
+
+
+# torch deprecates the collectives DeepSpeed calls; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group (gloo on CPU, nccl on GPU); a plain `vidiff train` is world size 1."""
+    import deepspeed
+
+    if "RANK" not in os.environ:                    # not started by a launcher: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if not torch.cuda.is_available():               # ranks on one CPU share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def train(cfg: RunConfig) -> Path:
+    """Train cfg.task for cfg.train.steps steps; returns the run folder."""
+    import deepspeed
+
+    rank, world = init_distributed()
+    run_dir = Path(cfg.out_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_NAME)
+
+    seed_everything(cfg.seed)                       # identical initial weights on every rank
+    objective = build_objective(cfg)
+    ds_config = deepspeed_config(cfg)
+    # Built whole on every rank, then sharded by deepspeed.initialize (ZeRO-3 partitions it there).
+    model = objective.build_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                  betas=(0.9, 0.99), weight_decay=cfg.train.weight_decay)
+    warmup = cfg.train.warmup_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                          lr_scheduler=schedule, config=ds_config)
+
+    loader = ShardLoader(cfg.data, rank, world, cfg.seed)
+    start_step, samples_seen = 0, 0
+    state = checkpoint.resume(engine, run_dir)
+    if state is not None:
+        start_step, samples_seen = state["step"], state["samples_seen"]
+        if state.get("world_size") == world:
+            loader.load_state_dict(state["data"][rank])
+        else:
+            loader.load_state_dict({"epoch": state["data"][0]["epoch"], "position": 0})
+        if state.get("config_digest") != cfg.digest() and rank == 0:
+            print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
+    generator = torch.Generator()
+
+    monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
+    if state is not None:
+        monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
+    global_batch = cfg.data.batch_size * world
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        batch = next(loader)
+        generator.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)    # a restart replays the same noise
+        loss, extra = objective.loss(engine, batch, generator)
+        engine.backward(loss)
+        engine.step()
+        samples_seen += global_batch
+        seconds = monitor.step_seconds()
+        loss_mean = _mean_over_ranks(loss)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            monitor.log(step, {
+                "train/loss": loss_mean, "train/lr": schedule.get_last_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "perf/samples_per_s": global_batch / seconds, "perf/step_seconds": seconds,
+                **{f"data/skipped/{k}": v for k, v in loader.skipped.items()}, **extra,
+            })
+        monitor.advance()
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            objective.before_export(engine.module)
+            positions = [None] * world
+            dist.all_gather_object(positions, loader.state_dict())
+            tag_dir = checkpoint.save(engine, run_dir, step, {
+                "samples_seen": samples_seen, "data": positions, "world_size": world,
+                "config_digest": cfg.digest(),
+            })
+            monitor.message(f"step {step}: checkpoint {tag_dir}")
+    monitor.close()
+    dist.barrier()
+    return run_dir
