@@ -20,10 +20,14 @@ class GaussianMixture:
         return log_p.softmax(dim=1)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """E[x0 | x0 + sigma n = x]; with label (B, K) one-hot, the posterior of that component alone."""
+        """E[x0 | x0 + sigma n = x]; with label (B, K) one-hot, the posterior of that component alone
+        (an all-zero row means no label: the whole mixture)."""
         x64, s = x.double(), sigma.double().reshape(-1, 1)
         var = self.stds.pow(2) + s**2                                             # (B, K)
-        r = self._responsibilities(x64, var) if label is None else label.double()
+        r = self._responsibilities(x64, var)
+        if label is not None:
+            labelled = label.double().sum(1, keepdim=True) > 0
+            r = torch.where(labelled, label.double(), r)
         shrink = self.stds.pow(2) / var                                           # (B, K)
         per_k = self.means + shrink[..., None] * (x64[:, None] - self.means)      # (B, K, d)
         return (r[..., None] * per_k).sum(1).to(x.dtype)

@@ -184,8 +184,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     for item in overrides:
-        keys, value = parse_override(item)
-        _apply_override(tree, keys, value, item)
+        try:
+            keys, value = parse_override(item)
+            _apply_override(tree, keys, value, item)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     source = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     try:
         return RunConfig.model_validate(tree)

@@ -1,0 +1,63 @@
+"""A bad config exits 2 with one message naming the key, the file and what is valid, before any process starts."""
+
+import subprocess
+
+import pytest
+
+from conftest import REPO, run_vidiff
+from vidiff.config import ConfigError, load_config, parse_override
+
+
+def test_unknown_key_exits_2_naming_the_key():
+    result = run_vidiff("train", "configs/demo.yaml", "model.no_such_key=1")
+    assert result.returncode == 2
+    assert "no_such_key" in result.stderr and "configs/demo.yaml" in result.stderr
+    assert "hidden_size" in result.stderr                          # names what is valid there
+
+
+def test_launcher_refuses_bad_config_before_starting_ranks():
+    result = subprocess.run([str(REPO / "launchers/local.sh"), "configs/demo.yaml", "train.stepz=3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "train.stepz" in result.stderr
+    assert "deepspeed" not in (result.stdout + result.stderr).lower()   # no launcher ever ran
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.depth=abc", "model.depth"),                            # wrong type
+    ("data.frames=8", "1 + 4k"),                                   # impossible for the causal VAE
+    ("data.height=60", "multiple of 8"),
+    ("model.num_heads=5", "not divisible by num_heads"),
+    ("task=unet", "task"),
+    ("train.steps.x=1", "train.steps is a value"),
+    ("parallel.zero_stage=4", "parallel.zero_stage"),
+])
+def test_each_mistake_is_named(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(REPO / "configs/demo.yaml", [override])
+    assert needle in str(info.value)
+    assert "configs/demo.yaml" in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_yaml():
+    assert parse_override("model.depth=4") == (["model", "depth"], 4)
+    assert parse_override("sample.prompts=[a, b]") == (["sample", "prompts"], ["a", "b"])
+    cfg = load_config(REPO / "configs/demo.yaml", ["model.depth=2", "train.lr=3e-4", "model.patch_size=[1,1,1]"])
+    assert cfg.model.depth == 2 and cfg.train.lr == 3e-4 and cfg.model.patch_size == (1, 1, 1)
+
+
+def test_dit_run_needs_a_vae(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: dit\n")
+    with pytest.raises(ConfigError, match="vae.checkpoint"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/vae/demo.yaml"])
+def test_shipped_configs_are_valid(name):
+    load_config(REPO / name)
