@@ -27,7 +27,7 @@ endif
 setup: $(STAMP)
 
 demo: setup clean-demo
-	$(BIN)/vidiff shards --synthetic 128 --out runs/demo/shards --max-count 32
+	$(BIN)/vidiff shards --synthetic 128 --height 48 --width 48 --out runs/demo/shards --max-count 32
 	launchers/local.sh configs/vae/demo.yaml
 	launchers/local.sh configs/demo.yaml
 	$(BIN)/vidiff sample configs/demo.yaml

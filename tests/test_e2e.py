@@ -9,9 +9,9 @@ from pathlib import Path
 
 import av
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, run_vidiff
+from vidiff.train.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +22,6 @@ def launch(config: str, *overrides: str, cwd: Path) -> subprocess.CompletedProce
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    values = {}
-    for events in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def test_demo_pipeline_trains_resumes_and_samples(tmp_path):
@@ -51,17 +41,17 @@ def test_demo_pipeline_trains_resumes_and_samples(tmp_path):
            f"vae.checkpoint={vae_dir}", f"out_dir={dit_dir}", "sample.steps=4", "sample.prompts=[a red square moving up]"]
     launch("configs/demo.yaml", *dit, "train.steps=4", cwd=tmp_path)
     assert (dit_dir / "checkpoints/latest").read_text() == "step00000004"
-    first = scalars(dit_dir, "train/loss")
+    first = read_scalars(dit_dir, "train/loss")
     assert sorted(first) == [1, 2, 3, 4]
     for tag in ("train/lr", "train/grad_norm", "perf/samples_per_s"):
-        assert sorted(scalars(dit_dir, tag)) == [1, 2, 3, 4], tag
+        assert sorted(read_scalars(dit_dir, tag)) == [1, 2, 3, 4], tag
 
     resumed = launch("configs/demo.yaml", *dit, "train.steps=6", cwd=tmp_path)
     assert "resumed from step 4" in resumed.stdout + resumed.stderr
     state = json.loads((dit_dir / "checkpoints/step00000006/vidiff_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 2 * 4        # steps x ranks x batch
     assert [d["rank"] for d in state["data"]] == [0, 1]
-    assert sorted(scalars(dit_dir, "train/loss")) == [1, 2, 3, 4, 5, 6]     # the step counter continued
+    assert sorted(read_scalars(dit_dir, "train/loss")) == [1, 2, 3, 4, 5, 6]     # the step counter continued
 
     sampled = run_vidiff("sample", str(REPO / "configs/demo.yaml"), *dit, cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]

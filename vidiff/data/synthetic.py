@@ -27,12 +27,17 @@ class ShapeClip:
         return f"a {self.color} {self.shape} moving {self.direction}"
 
 
+def _radius(height: int, width: int) -> int:
+    return max(2, min(height, width) // 6)
+
+
 def random_clip(rng: np.random.Generator, height: int, width: int, frames: int) -> ShapeClip:
     direction = str(rng.choice(list(DIRECTIONS)))
-    speed = max(1, min(height, width) // 24)
+    r = _radius(height, width)
+    # Over the clip the shape crosses about three quarters of the free space.
+    speed = max(1, round(0.75 * (min(height, width) - 2 * r) / max(1, frames - 1)))
     travel = speed * (frames - 1)
     dy, dx = DIRECTIONS[direction]
-    r = min(height, width) // 8
     # Start so the whole path stays inside the frame.
     row_lo, row_hi = r - min(0, dy) * travel, height - r - max(0, dy) * travel
     col_lo, col_hi = r - min(0, dx) * travel, width - r - max(0, dx) * travel
@@ -45,7 +50,7 @@ def render(clip: ShapeClip, height: int, width: int, frames: int) -> np.ndarray:
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     video[:] = BACKGROUND
     rows, cols = np.mgrid[0:height, 0:width]
-    r = min(height, width) // 8
+    r = _radius(height, width)
     dy, dx = DIRECTIONS[clip.direction]
     for t in range(frames):
         cy, cx = clip.start[0] + dy * clip.speed * t, clip.start[1] + dx * clip.speed * t
