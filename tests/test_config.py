@@ -25,8 +25,10 @@ def test_launcher_refuses_bad_config_before_starting_ranks():
 
 @pytest.mark.parametrize("override, needle", [
     ("model.depth=abc", "model.depth"),                            # wrong type
-    ("data.frames=8", "1 + 4k"),                                   # impossible for the causal VAE
-    ("data.height=60", "multiple of 8"),
+    ("data.buckets=[[8,32,32]]", "1 + 4k"),                        # impossible for the causal VAE
+    ("data.buckets=[[9,60,64]]", "multiples of 8"),
+    ("data.buckets=[[1,32,32]]", "only images"),
+    ("data.image_fraction=0.3", "1-frame (image) bucket"),
     ("model.num_heads=5", "not divisible by num_heads"),
     ("task=unet", "task"),
     ("train.steps.x=1", "train.steps is a value"),

@@ -1,6 +1,8 @@
-"""Real PyAV encode/decode, real webdataset shards, and the loader's guarantees."""
+"""Real PyAV encode/decode, real webdataset shards, and the loader's guarantees: buckets, exact resume at any
+world size and worker count, every rank in step, bad input skipped and counted."""
 
 import json
+import pickle
 import subprocess
 from collections import Counter
 
@@ -8,17 +10,16 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from datasets import mixed_samples, png, write_mixed, write_tar
 from vidiff.config import DataConfig
-from vidiff.data.pipeline import ShardLoader
-from vidiff.data.shards import ShardError, folder_samples, synthetic_samples, write_index, write_shards
+from vidiff.data.buckets import Bucket, assign_bucket, make_buckets
+from vidiff.data.pipeline import ShardLoader, image_steps, stream_of
+from vidiff.data.shards import (ShardError, folder_samples, manifest_samples, synthetic_samples, webdataset_samples,
+                                write_index, write_shards)
 from vidiff.data.synthetic import make_clips
-from vidiff.data.video import ClipError, decode_clip, encode_mp4, probe
+from vidiff.data.video import ClipError, decode_clip, decode_image, encode_mp4, probe
 
-
-def _shards(tmp_path, n=12, max_count=4, frames=5):
-    return write_shards(synthetic_samples(n, 32, 32, frames, fps=8, seed=0), tmp_path / "shards",
-                        max_count=max_count).parent
-
+# ---------------------------------------------------------------------------------------------- PyAV
 
 def test_mp4_round_trip_keeps_frame_count_and_content(tmp_path):
     (_, video), = make_clips(1, 32, 48, 9, seed=3)
@@ -28,7 +29,21 @@ def test_mp4_round_trip_keeps_frame_count_and_content(tmp_path):
     decoded = decode_clip(data, 9, 32, 48)
     assert decoded.shape == (9, 32, 48, 3)
     assert np.abs(decoded.astype(float) - video).mean() < 6          # lossy, but the same picture
-    assert decode_clip(data, 3, 16, 24, stride=4).shape == (3, 16, 24, 3)
+
+
+def test_seek_lands_on_the_requested_frame_and_stride():
+    frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(24)])   # frame i has value 10 i
+    data = encode_mp4(frames, fps=8)
+    clip = decode_clip(data, 4, 32, 32, stride=3, start=7)
+    assert [round(float(f.mean()) / 10) for f in clip] == [7, 10, 13, 16]
+
+
+def test_resize_covers_then_center_crops():
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, 16:48] = 200                                              # bright centre half
+    clip = decode_clip(encode_mp4(np.stack([wide] * 5), 8), 5, 16, 16)
+    assert clip.shape == (5, 16, 16, 3) and clip.mean() > 150        # the crop kept the centre only
+    assert decode_image(png(20, 40, 0), 16, 16).shape == (1, 16, 16, 3)
 
 
 def test_bad_clips_raise_clip_errors_with_a_reason():
@@ -37,39 +52,58 @@ def test_bad_clips_raise_clip_errors_with_a_reason():
     with pytest.raises(ClipError) as short:
         decode_clip(data, 9, 32, 32)
     assert short.value.reason == "too_short"
-    with pytest.raises(ClipError) as broken:
-        decode_clip(data[: len(data) // 3], 5, 32, 32)
-    assert broken.value.reason in ("undecodable", "too_short")
     with pytest.raises(ClipError):
         decode_clip(b"not a video at all", 1, 32, 32)
+    with pytest.raises(ClipError) as image:
+        decode_image(b"\x89PNG broken", 8, 8)
+    assert image.value.reason == "undecodable_image"
 
+# -------------------------------------------------------------------------------------------- shards
 
-def test_shards_are_plain_tars_readable_by_webdataset(tmp_path):
-    folder = _shards(tmp_path)
+def test_shards_are_plain_tars_readable_by_tar_and_webdataset(tmp_path):
+    folder = write_shards(synthetic_samples(12, 32, 32, 5, fps=8, seed=0), tmp_path / "s", max_count=4).parent
     tars = sorted(folder.glob("*.tar"))
     assert len(tars) == 3
     listing = subprocess.run(["tar", "tf", str(tars[0])], capture_output=True, text=True, check=True).stdout.split()
     assert listing[:3] == ["00000000.json", "00000000.mp4", "00000000.txt"]
     index = json.loads((folder / "index.json").read_text())
     assert [len(s["samples"]) for s in index["shards"]] == [4, 4, 4]
+    assert index["shards"][0]["samples"][0]["meta"] == {"frames": 5, "fps": 8, "width": 32, "height": 32}
     keys = [s["__key__"] for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False)]
     assert keys == [f"{i:08d}" for i in range(12)]
     sample = next(iter(wds.WebDataset(str(tars[0]), shardshuffle=False)))
-    meta = json.loads(sample["json"])
-    assert meta["frames"] == 5 and sample["txt"].decode().startswith("a ")
+    assert json.loads(sample["json"])["duration"] == pytest.approx(5 / 8)
     assert decode_clip(sample["mp4"], 5, 32, 32).shape == (5, 32, 32, 3)
 
 
-def test_folder_with_caption_sidecars(tmp_path):
-    src = tmp_path / "videos"
+def test_shard_size_limit_splits_shards(tmp_path):
+    index = write_shards(synthetic_samples(10, 32, 32, 5, fps=8, seed=0), tmp_path / "s", max_bytes=6_000)
+    counts = [len(s["samples"]) for s in json.loads(index.read_text())["shards"]]
+    assert len(counts) > 1 and sum(counts) == 10
+
+
+def test_folder_and_manifest_inputs(tmp_path):
+    src = tmp_path / "media"
     src.mkdir()
     for i, (clip, video) in enumerate(make_clips(3, 32, 32, 5, seed=1)):
         encode_mp4(video, 8, src / f"clip{i}.mp4")
         (src / f"clip{i}.txt").write_text(clip.caption)
-    (src / "broken.mp4").write_bytes(b"\x00" * 100)                  # skipped, not fatal
-    index = write_shards(folder_samples(src), tmp_path / "out")
+    (src / "photo.png").write_bytes(png(24, 40, 0))
+    (src / "photo.txt").write_text("static noise")
+    (src / "broken.mp4").write_bytes(b"\x00" * 100)                  # probed, skipped, not fatal
+    index = write_shards(folder_samples(src, workers=2), tmp_path / "out")
     samples = json.loads(index.read_text())["shards"][0]["samples"]
-    assert len(samples) == 3 and all(set(s["members"]) == {"mp4", "txt", "json"} for s in samples)
+    assert len(samples) == 4
+    assert {s["meta"]["frames"] for s in samples} == {5, 1}
+    assert all({"txt", "json"} <= set(s["members"]) for s in samples)
+
+    (tmp_path / "list.csv").write_text("path,caption\nmedia/clip0.mp4,first\nmedia/photo.png,second\n")
+    (tmp_path / "list.jsonl").write_text('{"path": "media/clip1.mp4", "caption": "third"}\n')
+    for manifest, captions in (("list.csv", ["first", "second"]), ("list.jsonl", ["third"])):
+        out = write_shards(manifest_samples(tmp_path / manifest), tmp_path / manifest.replace(".", "_"))
+        tar = sorted(out.parent.glob("*.tar"))[0]
+        got = [s["txt"].decode() for s in wds.WebDataset(str(tar), shardshuffle=False)]
+        assert got == captions
 
 
 def test_keys_with_dots_are_refused(tmp_path):
@@ -77,47 +111,189 @@ def test_keys_with_dots_are_refused(tmp_path):
         write_shards([{"__key__": "a.b", "txt": "x"}], tmp_path / "s")
 
 
-def _cfg(folder, **kw):
-    return DataConfig(shards=str(folder), frames=5, height=32, width=32, batch_size=2, **kw)
+def _v2d_shard(path, n=4):
+    """video2dataset layout: KEY.mp4, KEY.txt, KEY.json whose json has no frame count or fps."""
+    members = {}
+    for i, (clip, video) in enumerate(make_clips(n, 32, 32, 9, seed=4)):
+        key = f"{i:09d}"
+        members[f"{key}.mp4"] = encode_mp4(video, 8)
+        members[f"{key}.txt"] = clip.caption.encode()
+        members[f"{key}.json"] = json.dumps({"url": f"http://example/{i}", "key": key, "status": "success"}).encode()
+    write_tar(path, members)
 
 
-def test_each_epoch_deals_every_sample_once_and_ranks_run_equal_steps(tmp_path):
-    folder = _shards(tmp_path, n=13)                                  # 13 = 2 x 6 + 1 dropped
-    loaders = [ShardLoader(_cfg(folder), rank, 2, seed=5) for rank in range(2)]
-    assert loaders[0].per_rank == loaders[1].per_rank == 6
-    seen = Counter(k for loader in loaders for _ in range(3) for k in next(loader)["key"])
-    assert len(seen) == 12 and set(seen.values()) == {1}
-    batch = next(loaders[0])
-    assert batch["video"].shape == (2, 3, 5, 32, 32)
-    assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
+def test_video2dataset_shards_are_read_without_conversion(tmp_path):
+    (tmp_path / "v2d").mkdir()
+    _v2d_shard(tmp_path / "v2d" / "00000.tar")
+    loader = ShardLoader(DataConfig(shards=str(tmp_path / "v2d" / "*.tar"), buckets=[(9, 32, 32)], batch_size=2,
+                                    caption_dropout=0.0), 0, 1, seed=0)
+    batch = next(loader)
+    assert batch["video"].shape == (2, 3, 9, 32, 32) and all(c.startswith("a ") for c in batch["caption"])
+    # And re-sharded by us: bytes unchanged, metadata added.
+    index = write_shards(webdataset_samples([tmp_path / "v2d" / "00000.tar"]), tmp_path / "ours")
+    meta = json.loads(index.read_text())["shards"][0]["samples"][0]["meta"]
+    assert meta == {"frames": 9, "fps": 8.0, "width": 32, "height": 32}
+
+# ------------------------------------------------------------------------------------------- buckets
+
+def test_bucket_batch_sizes_match_latent_tokens_and_assignment():
+    cfg = DataConfig(buckets=[(9, 32, 32), (1, 32, 32), (9, 32, 64)], batch_size=2)
+    video, image, wide = make_buckets(cfg)
+    assert video.batch_size == 2 and image.batch_size == 6 and wide.batch_size == 1     # 3:1 latent frames
+    buckets = [video, image, wide]
+    assert assign_bucket(buckets, False, 64, 30, 20, 1) == wide      # nearest aspect ratio
+    assert assign_bucket(buckets, False, 32, 32, 9, 1) == video
+    assert assign_bucket(buckets, False, 32, 32, 8, 1) is None       # too short for any video bucket
+    assert assign_bucket(buckets, False, 32, 32, 17, 2) == video     # 9 frames at stride 2 need 17
+    assert assign_bucket(buckets, True, 500, 300, 1, 1) == image
+    assert Bucket(9, 32, 32, 1).latent_tokens == 3 * 4 * 4
 
 
-def test_resume_continues_with_the_same_batches(tmp_path):
-    folder = _shards(tmp_path)
-    straight = ShardLoader(_cfg(folder), 0, 1, seed=1)
-    keys = [next(straight)["key"] for _ in range(9)]                 # crosses an epoch boundary
-    first = ShardLoader(_cfg(folder), 0, 1, seed=1)
+def test_image_fraction_schedule():
+    assert [stream_of(0.25, s) for s in range(8)] == ["video", "video", "video", "image"] * 2
+    assert image_steps(0.3, 0, 1000) == 300 and image_steps(0.0, 0, 10) == 0
+
+
+def _cfg(folder, workers=0, **kw):
+    kw = {"buckets": [(9, 32, 32), (9, 32, 48), (1, 32, 32)], "batch_size": 2, "image_fraction": 0.25,
+          "caption_dropout": 0.0, **kw}
+    return DataConfig(shards=str(folder), num_workers=workers, **kw)
+
+
+def test_batches_never_mix_shapes_and_follow_the_mixture(tmp_path):
+    folder = write_mixed(tmp_path / "s")
+    loader = ShardLoader(_cfg(folder), 0, 1, seed=0)
+    shapes = Counter()
+    for step in range(12):
+        batch = next(loader)
+        assert batch["stream"] == stream_of(0.25, step)
+        shapes[tuple(batch["video"].shape[2:])] += 1
+        assert (batch["stream"] == "image") == (batch["video"].shape[2] == 1)
+        assert len(batch["key"]) == batch["video"].shape[0] and len(set(batch["key"])) == len(batch["key"])
+    assert set(shapes) == {(9, 32, 32), (9, 32, 48), (1, 32, 32)}
+    assert loader.excluded == {"too_short": 0} or sum(loader.excluded.values()) == 0
+
+# ------------------------------------------------------------------------------------ exact resume
+
+def _ledger(folder, legs, seed=3, **kw):
+    """Run (world_size, workers, steps) legs one after another, each resuming from the previous state;
+    return how often each key of epoch 0 was seen, and the number of batches each rank yielded per leg."""
+    seen, state, yielded = Counter(), None, []
+    for world, workers, steps in legs:
+        loaders = [ShardLoader(_cfg(folder, workers, **kw), rank, world, seed) for rank in range(world)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+        counts = [0] * world
+        for _ in range(steps):
+            for rank, loader in enumerate(loaders):
+                batch = next(loader)
+                counts[rank] += 1
+                if batch["epoch"] == 0:
+                    seen.update(f"{batch['stream']}:{k}" for k in batch["key"])
+        states = [loader.state_dict() for loader in loaders]
+        assert all(s == states[0] for s in states)                    # one data position for all ranks
+        state = states[0]
+        yielded.append(counts)
+    return seen, yielded
+
+
+def _all_keys():
+    return {f"{'image' if s['__key__'].startswith('i') else 'video'}:{s['__key__']}" for s in mixed_samples()}
+
+
+@pytest.mark.parametrize("legs", [
+    [(2, 0, 16)],                                   # straight through
+    [(2, 0, 5), (2, 2, 11)],                        # restart, same world size, now with 2 workers
+    [(2, 2, 5), (3, 0, 12)],                        # restart on 3 ranks, no workers
+    [(3, 1, 3), (1, 2, 30)],                        # restart on 1 rank with 2 workers
+])
+def test_every_sample_exactly_once_per_epoch_across_restarts(tmp_path, legs):
+    folder = write_mixed(tmp_path / "s")
+    seen, yielded = _ledger(folder, legs)
+    assert set(seen) == _all_keys()
+    assert set(seen.values()) == {1}, {k: v for k, v in seen.items() if v != 1}
+    for counts, (_, _, steps) in zip(yielded, legs):
+        assert counts == [steps] * len(counts)                        # every rank in step
+
+
+def test_resume_gives_exactly_the_batches_of_an_uninterrupted_run(tmp_path):
+    folder = write_mixed(tmp_path / "s")
+    straight = ShardLoader(_cfg(folder), 1, 2, seed=0)
+    expected = [next(straight)["key"] for _ in range(10)]
+    first = ShardLoader(_cfg(folder), 1, 2, seed=0)
     for _ in range(4):
         next(first)
-    resumed = ShardLoader(_cfg(folder), 0, 1, seed=1)
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    assert [next(resumed)["key"] for _ in range(5)] == keys[4:]
+    resumed = ShardLoader(_cfg(folder, workers=2), 1, 2, seed=0)
+    resumed.load_state_dict(first.state_dict())
+    assert [next(resumed)["key"] for _ in range(6)] == expected[4:]
 
 
-def test_zero_byte_clip_is_skipped_and_counted(tmp_path):
-    samples = list(synthetic_samples(4, 32, 32, 5, fps=8, seed=0))
-    samples[1]["mp4"] = b""
-    samples[2]["mp4"] = samples[2]["mp4"][:200]
-    folder = write_shards(samples, tmp_path / "s").parent
-    loader = ShardLoader(_cfg(folder), 0, 1, seed=0)
-    keys = [k for _ in range(2) for k in next(loader)["key"]]
-    assert sorted(set(keys)) == ["00000000", "00000003"]
-    assert loader.skipped["empty_member"] >= 1
-    assert sum(loader.skipped.values()) >= 2
+def test_epochs_reshuffle_and_caption_dropout_is_seeded(tmp_path):
+    folder = write_mixed(tmp_path / "s")
+    loader = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    per_epoch = loader.steps_per_epoch()
+    epoch0 = [k for _ in range(per_epoch) for k in next(loader)["key"]]
+    epoch1 = [k for _ in range(per_epoch) for k in next(loader)["key"]]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    again = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    captions = [c for _ in range(per_epoch) for c in next(again)["caption"]]
+    assert 0.2 < captions.count("") / len(captions) < 0.8
+    replay = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    assert [c for _ in range(per_epoch) for c in next(replay)["caption"]] == captions
+
+# --------------------------------------------------------------------------------------- bad input
+
+def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
+    good = mixed_samples(n_video=6, n_image=2)
+    (_, short), = make_clips(1, 32, 32, 5, seed=9)
+    full = good[0]["mp4"]
+    bad = [
+        {"__key__": "bad_truncated", "mp4": full[: len(full) // 2], "txt": "cut", "json": good[0]["json"]},
+        {"__key__": "bad_empty", "mp4": b"", "txt": "nothing", "json": good[0]["json"]},
+        {"__key__": "bad_nocaption", "mp4": full, "json": good[0]["json"]},
+        {"__key__": "bad_image", "png": b"\x89PNG\r\n not really", "txt": "broken", "json": good[-1]["json"]},
+        {"__key__": "bad_short", "mp4": encode_mp4(short, 8), "txt": "short",
+         "json": {"frames": 5, "fps": 8, "width": 32, "height": 32}},
+        {"__key__": "bad_lying", "mp4": encode_mp4(short, 8), "txt": "claims 9 frames",
+         "json": {"frames": 9, "fps": 8, "width": 32, "height": 32}},
+        {"__key__": "bad_pickle", "mp4": full, "txt": "x", "pyd": pickle.dumps({"boom": 1})},
+    ]
+    folder = write_shards(good + bad, tmp_path / "s", max_count=4).parent
+    loader = ShardLoader(_cfg(folder, image_fraction=0.25), 0, 1, seed=0)
+    assert {k: v for k, v in loader.excluded.items() if v} == {
+        "empty_member": 1, "missing_caption": 1, "too_short": 1, "pickle_member": 1}
+    keys, skipped = Counter(), Counter()
+    for _ in range(12):
+        batch = next(loader)
+        if batch["epoch"] == 0:
+            keys.update(batch["key"])
+            skipped.update(batch["skipped"])
+    assert set(keys) == {s["__key__"] for s in good} and set(keys.values()) == {1}
+    assert skipped["undecodable_image"] == 1
+    assert skipped["too_short"] + skipped["undecodable"] == 2          # the cut and the lying clip
+    assert loader.skipped["undecodable_image"] >= 1                    # the loader keeps the running count
+
+
+def test_a_batch_with_no_usable_sample_is_padding(tmp_path):
+    good = mixed_samples(n_video=3, n_image=0)
+    broken = [{**s, "__key__": f"broken{i}", "mp4": s["mp4"][:300]} for i, s in enumerate(good)]
+    folder = write_shards(broken, tmp_path / "s").parent
+    loader = ShardLoader(_cfg(folder, image_fraction=0.0, buckets=[(9, 32, 32)], batch_size=4), 0, 1, seed=0)
+    batch = next(loader)
+    assert batch["padding"] and batch["key"] == [] and batch["video"].shape[2:] == (9, 32, 32)
+
+
+def test_clear_errors_for_unusable_data(tmp_path):
+    folder = write_mixed(tmp_path / "s", n_image=0)
+    with pytest.raises(ShardError, match="no usable image samples"):
+        ShardLoader(_cfg(folder, image_fraction=0.5), 0, 1, seed=0)
+    with pytest.raises(ShardError, match="holds no samples"):
+        ShardLoader(_cfg(tmp_path / "nothing-here"), 0, 1, seed=0)
 
 
 def test_index_is_rebuilt_from_tars_alone(tmp_path):
-    folder = _shards(tmp_path)
+    folder = write_mixed(tmp_path / "s")
     (folder / "index.json").unlink()
-    assert ShardLoader(_cfg(folder), 0, 1, seed=0).per_rank == 12
+    assert ShardLoader(_cfg(folder), 0, 1, seed=0).steps_per_epoch() > 0
     assert write_index(folder).is_file()

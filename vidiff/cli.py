@@ -68,9 +68,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model.load_state_dict(weights)
     model.eval()
 
-    data = run_cfg.data
-    latent_shape = (vae.cfg.latent_channels, latent_frames(data.frames),
-                    data.height // SPATIAL_FACTOR, data.width // SPATIAL_FACTOR)
+    frames, height, width = run_cfg.data.video_shape
+    latent_shape = (vae.cfg.latent_channels, latent_frames(frames), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
     prompts = args.prompt or cfg.sample.prompts
     videos = generate(model, text, vae.decode, prompts, latent_shape, cfg.sample, run_cfg.edm)
 

@@ -26,22 +26,47 @@ def _check_causal_frames(frames: int) -> int:
 
 
 class DataConfig(_Section):
-    shards: str = "runs/demo/shards"          # folder of *.tar shards (with index.json), or a glob
-    frames: int = Field(9, ge=1)              # frames per clip: 1 + 4k
-    frame_stride: int = Field(1, ge=1)        # take every n-th decoded frame
-    height: int = Field(64, ge=8)             # multiple of 8 (the VAE's spatial factor)
-    width: int = Field(64, ge=8)
-    batch_size: int = Field(2, ge=1)          # clips per rank per micro-step
+    shards: str = "runs/demo/shards"          # folder of *.tar shards (index.json optional), or a glob of tars
+    # (frames, height, width) buckets; frames 1 + 4k (1 = images), sides multiples of 8. The first bucket's
+    # batch is data.batch_size clips; the others get batch sizes with about the same latent tokens.
+    buckets: list[tuple[int, int, int]] = [(9, 64, 64)]
+    batch_size: int = Field(2, ge=1)          # clips per rank per micro-step in the first bucket
+    frame_stride: int = Field(1, ge=1)        # take every n-th decoded frame ...
+    fps: float | None = Field(None, gt=0)     # ... or resample each clip to this frame rate
+    random_start: bool = True                 # clips start at a seeded random frame (else at frame 0)
+    image_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of steps that train on image batches
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # empty caption rate, for classifier-free guidance
+    num_workers: int = Field(0, ge=0)         # DataLoader worker processes per rank
+    decode_threads: int = Field(1, ge=1)      # PyAV threads per worker (workers x threads <= cores)
+    seed: int | None = None                   # shuffling seed; defaults to the run's seed
 
-    _frames = field_validator("frames")(_check_causal_frames)
-
-    @field_validator("height", "width")
+    @field_validator("buckets")
     @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE's spatial factor), got {v}")
-        return v
+    def _valid_buckets(cls, buckets: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        if not buckets:
+            raise ValueError("needs at least one (frames, height, width) bucket")
+        for frames, height, width in buckets:
+            _check_causal_frames(frames)
+            if height % 8 or width % 8 or min(height, width) < 8:
+                raise ValueError(f"bucket {(frames, height, width)}: height and width must be multiples of 8 "
+                                 "(the VAE's spatial factor)")
+        if len(set(buckets)) != len(buckets):
+            raise ValueError(f"buckets repeat a shape: {buckets}")
+        return buckets
+
+    @model_validator(mode="after")
+    def _images_need_an_image_bucket(self) -> "DataConfig":
+        frames = [b[0] for b in self.buckets]
+        if self.image_fraction > 0 and 1 not in frames:
+            raise ValueError(f"image_fraction {self.image_fraction} needs a 1-frame (image) bucket in buckets")
+        if self.image_fraction < 1 and all(f == 1 for f in frames):
+            raise ValueError("buckets hold only images (frames 1); set image_fraction: 1.0 or add a video bucket")
+        return self
+
+    @property
+    def video_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the first video bucket: the default size to sample at."""
+        return next((b for b in self.buckets if b[0] > 1), self.buckets[0])
 
 
 class VAEConfig(_Section):

@@ -1,26 +1,38 @@
-"""Training loader: batches of decoded clips for one rank, with a data position that can be saved and resumed.
+"""Training loader: bucketed batches of decoded clips and images for one rank, with an exact data position.
 
-Each epoch is a seeded permutation of every indexed sample, dealt round-robin to the ranks; the remainder
-that does not divide evenly is dropped, so every rank yields the same number of batches (no hang at epoch
-end). A sample that cannot be used is skipped and counted by reason, and the next one takes its place.
+The data of a stream (videos, images) is cut, epoch by epoch, into a deterministic plan of batches: shards in
+a seeded order, samples shuffled within each shard, each sample put in its bucket, a batch emitted whenever
+a bucket fills (the epoch's last partial batch of each bucket included, so every usable sample is in the
+epoch exactly once). Step s takes the next `world_size` batches of its stream, rank r the r-th of them; a
+rank's batches go to its workers in turn. The data position is therefore a few integers shared by all
+ranks, and a restart with another world size or worker count continues with exactly the batches not yet
+consumed. A sample that cannot be used is skipped and counted by reason; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vidiff.config import DataConfig
-from vidiff.data.shards import INDEX_NAME, VIDEO_EXTS, ShardError, scan_tar
-from vidiff.data.video import ClipError, decode_clip
+from vidiff.data.buckets import Bucket, assign_bucket, frames_needed, make_buckets
+from vidiff.data.shards import INDEX_NAME, PICKLE_EXTS, ShardError, media_kind, scan_tar
+from vidiff.data.video import ClipError, decode_clip, decode_image
 
-_VIDEO_MEMBERS = tuple(ext.lstrip(".") for ext in VIDEO_EXTS)
+STREAMS = ("video", "image")
+# Why a sample is skipped while decoding (reasons found in the index alone are in ShardLoader.excluded).
+SKIP_REASONS = ("undecodable", "undecodable_image", "too_short")
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,7 @@ class SampleRef:
     shard: Path
     key: str
     members: dict[str, list[int]]     # ext -> [byte offset, size] inside the shard
+    meta: dict                        # frames, fps, width, height (empty when the media was unusable)
 
 
 def load_index(shards: str) -> list[SampleRef]:
@@ -40,80 +53,220 @@ def load_index(shards: str) -> list[SampleRef]:
     else:
         paths = sorted(folder.glob("*.tar")) if folder.is_dir() else sorted(Path(p) for p in glob.glob(shards))
         entries = [(p, scan_tar(p)) for p in paths]
-    refs = [SampleRef(path, s["key"], s["members"]) for path, samples in entries for s in samples]
+    refs = [SampleRef(path, s["key"], s["members"], s.get("meta", {})) for path, samples in entries for s in samples]
     if not refs:
         raise ShardError(f"data.shards {shards!r} holds no samples (expected a folder of *.tar shards or a glob)")
     return refs
 
 
-class ShardLoader:
-    """Iterator of batches {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str], "key": [str]} for one rank."""
+def unit_hash(*parts: object) -> float:
+    """A number in [0, 1) fixed by its inputs: the same on every rank, worker and restart."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int):
-        self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
-        self.samples = load_index(cfg.shards)
-        self.per_rank = len(self.samples) // world_size
-        if self.per_rank < 1:
-            raise ShardError(f"{len(self.samples)} samples cannot feed {world_size} ranks; write more samples")
-        self.epoch, self.position = 0, 0      # position: samples of this rank's share consumed this epoch
-        self.skipped: Counter[str] = Counter()
-        self._order = self._epoch_order()
 
-    def _epoch_order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.samples), generator=g).tolist()
-        return perm[self.rank::self.world_size][: self.per_rank]
+def sample_stride(cfg: DataConfig, meta: dict) -> int:
+    if cfg.fps is not None and meta.get("fps"):
+        return max(1, round(meta["fps"] / cfg.fps))
+    return cfg.frame_stride
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rank": self.rank, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
+def classify(samples: list[SampleRef], cfg: DataConfig, buckets: list[Bucket]
+             ) -> tuple[dict[str, list[tuple[int, Bucket]]], Counter]:
+    """Usable samples per stream with their bucket, and the count of unusable ones by reason."""
+    streams: dict[str, list[tuple[int, Bucket]]] = {s: [] for s in STREAMS}
+    excluded: Counter[str] = Counter()
+    for i, ref in enumerate(samples):
+        kind, ext = media_kind(ref.members)
+        if any(e.lower() in PICKLE_EXTS for e in ref.members):
+            excluded["pickle_member"] += 1
+        elif kind is None:
+            excluded["no_media"] += 1
+        elif ref.members[ext][1] == 0:
+            excluded["empty_member"] += 1
+        elif "txt" not in ref.members or ref.members["txt"][1] == 0:
+            excluded["missing_caption"] += 1
+        elif not ref.meta:
+            excluded["undecodable" if kind == "video" else "undecodable_image"] += 1
+        else:
+            m = ref.meta
+            bucket = assign_bucket(buckets, kind == "image", m["width"], m["height"], m["frames"],
+                                   sample_stride(cfg, m))
+            if bucket is None:
+                excluded["too_short"] += 1
+            else:
+                streams[kind].append((i, bucket))
+    return streams, excluded
 
-    def _read(self, ref: SampleRef, ext: str) -> bytes:
+
+class EpochPlanner:
+    """The batches of each epoch of one stream, a pure function of (samples, buckets, seed, epoch)."""
+
+    def __init__(self, entries: list[tuple[int, Bucket]], samples: list[SampleRef], buckets: list[Bucket],
+                 seed: int, stream: str):
+        self.buckets, self.seed, self.stream_id = buckets, seed, STREAMS.index(stream)
+        self.by_shard: dict[Path, list[tuple[int, Bucket]]] = {}
+        for sample_id, bucket in entries:
+            self.by_shard.setdefault(samples[sample_id].shard, []).append((sample_id, bucket))
+        self.shards = sorted(self.by_shard)
+
+    @lru_cache(maxsize=4)
+    def plan(self, epoch: int) -> list[tuple[Bucket, tuple[int, ...]]]:
+        rng = np.random.default_rng([self.seed, epoch, self.stream_id])
+        open_batches: dict[Bucket, list[int]] = {b: [] for b in self.buckets}
+        batches = []
+        for shard_i in rng.permutation(len(self.shards)):
+            entries = self.by_shard[self.shards[shard_i]]
+            for entry_i in rng.permutation(len(entries)):
+                sample_id, bucket = entries[entry_i]
+                pending = open_batches[bucket]
+                pending.append(sample_id)
+                if len(pending) == bucket.batch_size:
+                    batches.append((bucket, tuple(pending)))
+                    open_batches[bucket] = []
+        batches.extend((b, tuple(p)) for b, p in open_batches.items() if p)   # the epoch's remainder
+        return batches
+
+    def locate(self, epoch: int, index: int) -> tuple[int, int]:
+        """Normalize a position that may run past the end of its epoch."""
+        while index >= len(self.plan(epoch)):
+            index -= len(self.plan(epoch))
+            epoch += 1
+        return epoch, index
+
+
+def image_steps(fraction: float, start: int, stop: int) -> int:
+    """Image steps among steps [start, stop): step s is one when floor((s+1) f) > floor(s f)."""
+    return math.floor(stop * fraction) - math.floor(start * fraction)
+
+
+def stream_of(fraction: float, step: int) -> str:
+    return "image" if image_steps(fraction, step, step + 1) else "video"
+
+
+class _RankBatches(IterableDataset):
+    """This rank's batches from a fixed position on; in DataLoader workers, worker w takes every W-th."""
+
+    def __init__(self, loader: "ShardLoader"):
+        self.cfg, self.samples, self.planners = loader.cfg, loader.samples, loader.planners
+        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
+        self.step, self.cursors = loader.step, dict(loader.cursors)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        j = worker
+        while True:
+            yield self.batch_at(j)
+            j += workers
+
+    def position(self, j: int) -> tuple[str, int, int]:
+        """(stream, epoch, index in that epoch's plan) of this rank's batch for local step j."""
+        step = self.step + j
+        stream = stream_of(self.cfg.image_fraction, step)
+        before = image_steps(self.cfg.image_fraction, self.step, step)
+        if stream == "video":
+            before = j - before
+        epoch, index = self.cursors[stream]
+        return (stream, *self.planners[stream].locate(epoch, index + before * self.world_size + self.rank))
+
+    def batch_at(self, j: int) -> dict:
+        stream, epoch, index = self.position(j)
+        bucket, sample_ids = self.planners[stream].plan(epoch)[index]
+        clips, captions, keys, skipped = [], [], [], Counter()
+        for sample_id in sample_ids:
+            ref = self.samples[sample_id]
+            try:
+                clips.append(self.load(ref, bucket, epoch))
+            except ClipError as exc:
+                skipped[exc.reason] += 1
+                continue
+            caption = self.read(ref, "txt").decode("utf-8", errors="replace").strip()
+            drop = unit_hash(self.seed, epoch, ref.shard.name, ref.key, "caption") < self.cfg.caption_dropout
+            captions.append("" if drop else caption)
+            keys.append(ref.key)
+        padding = not clips                 # every sample failed: a zero-weight batch keeps ranks in step
+        if padding:
+            clips = [np.zeros((bucket.frames, bucket.height, bucket.width, 3), np.uint8)]
+            captions = [""]
+        return {"video": torch.from_numpy(np.stack(clips)), "caption": captions, "key": keys, "epoch": epoch,
+                "stream": stream, "bucket": bucket.name, "padding": padding, "skipped": dict(skipped)}
+
+    def read(self, ref: SampleRef, ext: str) -> bytes:
         offset, size = ref.members[ext]
         with open(ref.shard, "rb") as f:
             f.seek(offset)
             return f.read(size)
 
-    def _load(self, ref: SampleRef) -> tuple[np.ndarray, str]:
-        video_ext = next((e for e in _VIDEO_MEMBERS if e in ref.members), None)
-        if video_ext is None:
-            raise ClipError("no_video", f"sample {ref.key} in {ref.shard.name} has no video member")
-        data = self._read(ref, video_ext)
-        if not data:
-            raise ClipError("empty_member", f"sample {ref.key} in {ref.shard.name} has a zero-byte {video_ext}")
-        caption = self._read(ref, "txt").decode("utf-8", errors="replace").strip() if "txt" in ref.members else ""
-        cfg = self.cfg
-        return decode_clip(data, cfg.frames, cfg.height, cfg.width, cfg.frame_stride), caption
+    def load(self, ref: SampleRef, bucket: Bucket, epoch: int) -> np.ndarray:
+        """uint8 (T, H, W, 3) at the bucket's size."""
+        kind, ext = media_kind(ref.members)
+        data = self.read(ref, ext)
+        if kind == "image":
+            return decode_image(data, bucket.height, bucket.width)
+        stride = sample_stride(self.cfg, ref.meta)
+        spare = ref.meta["frames"] - frames_needed(bucket, stride)
+        start = int(unit_hash(self.seed, epoch, ref.shard.name, ref.key, "start") * (spare + 1)) \
+            if self.cfg.random_start and spare > 0 else 0
+        return decode_clip(data, bucket.frames, bucket.height, bucket.width, stride, start,
+                           self.cfg.decode_threads)
 
-    def _next_sample(self) -> tuple[np.ndarray, str, str]:
-        while True:
-            if self.position >= self.per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._epoch_order()
-            ref = self.samples[self._order[self.position]]
-            self.position += 1
-            try:
-                frames, caption = self._load(ref)
-                return frames, caption, ref.key
-            except ClipError as exc:
-                self.skipped[exc.reason] += 1
+
+class ShardLoader:
+    """Iterator of batches {"video": (B, 3, T, H, W) in [-1, 1], "caption", "key", "epoch", "stream",
+    "bucket", "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank)."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.seed = cfg.seed if cfg.seed is not None else seed
+        self.samples = load_index(cfg.shards)
+        self.buckets = make_buckets(cfg)
+        streams, self.excluded = classify(self.samples, cfg, self.buckets)
+        self.planners = {s: EpochPlanner(streams[s], self.samples, self.buckets, self.seed, s) for s in STREAMS}
+        for stream, used in (("video", cfg.image_fraction < 1), ("image", cfg.image_fraction > 0)):
+            if used and not streams[stream]:
+                raise ShardError(
+                    f"data.shards {cfg.shards!r} has no usable {stream} samples for buckets {cfg.buckets} "
+                    f"(image_fraction {cfg.image_fraction}); unusable samples by reason: {dict(self.excluded)}")
+        self.step = 0
+        self.cursors = {s: (0, 0) for s in STREAMS}    # (epoch, batch index) of the next batch of each stream
+        self.skipped: Counter[str] = Counter()           # runtime skips on this rank
+        self._batches: Iterator[dict] | None = None
+
+    def steps_per_epoch(self, stream: str = "video") -> int:
+        """Steps that consume one epoch of a stream (the last may reach into the next epoch)."""
+        return math.ceil(len(self.planners[stream].plan(0)) / self.world_size)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "cursors": {s: list(c) for s, c in self.cursors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.cursors = {s: tuple(state["cursors"][s]) for s in STREAMS}
+        self._batches = None
+
+    def _start(self) -> Iterator[dict]:
+        dataset = _RankBatches(self)
+        if self.cfg.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=2))
 
     def __iter__(self) -> "ShardLoader":
         return self
 
     def __next__(self) -> dict:
-        clips, captions, keys = [], [], []
-        for _ in range(self.cfg.batch_size):
-            frames, caption, key = self._next_sample()
-            clips.append(frames)
-            captions.append(caption)
-            keys.append(key)
-        video = torch.from_numpy(np.stack(clips))                           # (B, T, H, W, 3) uint8
-        video = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0         # (B, 3, T, H, W)
-        return {"video": video, "caption": captions, "key": keys}
+        if self._batches is None:
+            self._batches = self._start()
+        batch = next(self._batches)
+        stream = stream_of(self.cfg.image_fraction, self.step)
+        epoch, index = self.cursors[stream]
+        self.cursors[stream] = self.planners[stream].locate(epoch, index + self.world_size)
+        self.step += 1
+        self.skipped.update(batch["skipped"])
+        video = batch["video"].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0     # (B, 3, T, H, W)
+        return {**batch, "video": video}
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -46,24 +46,66 @@ def probe(source: bytes | str | Path) -> VideoInfo:
         raise ClipError("undecodable", f"cannot probe: {exc}") from None
 
 
+def cover_size(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int]:
+    """The smallest aspect-preserving size that covers (dst_w, dst_h); a center crop then gives dst exactly."""
+    scale = max(dst_w / src_w, dst_h / src_h)
+    return max(dst_w, round(src_w * scale)), max(dst_h, round(src_h * scale))
+
+
+def center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    top, left = (frame.shape[0] - height) // 2, (frame.shape[1] - width) // 2
+    return frame[top:top + height, left:left + width]
+
+
 def decode_clip(source: bytes | str | Path, num_frames: int, height: int, width: int,
-                stride: int = 1, threads: int = 1) -> np.ndarray:
-    """The first num_frames frames taken every `stride`, resized in swscale -> uint8 (T, H, W, 3)."""
+                stride: int = 1, start: int = 0, threads: int = 1) -> np.ndarray:
+    """Frames start, start + stride, ... (num_frames of them), resized in swscale to cover (height, width)
+    and center-cropped -> uint8 (T, H, W, 3). Seeks to the keyframe before `start` instead of decoding from 0."""
     frames: list[np.ndarray] = []
     try:
         with _open(source) as container:
             stream = container.streams.video[0]
             stream.thread_count = threads          # bounded: N loader workers x all cores oversubscribes
-            for i, frame in enumerate(container.decode(stream)):
-                if i % stride == 0:
-                    frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
-                    if len(frames) == num_frames:
-                        break
-    except (av.FFmpegError, IndexError) as exc:
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            if start > 0 and fps > 0 and stream.time_base:
+                # seek() takes stream.time_base units and lands on the preceding keyframe.
+                container.seek(int(start / fps / stream.time_base), stream=stream, backward=True)
+            size = None
+            for frame in container.decode(stream):
+                index = round(float(frame.time) * fps) if (frame.time is not None and fps) else len(frames)
+                if index < start or (index - start) % stride:
+                    continue
+                if size is None:
+                    size = cover_size(frame.width, frame.height, width, height)
+                rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                frames.append(center_crop(rgb, height, width))
+                if len(frames) == num_frames:
+                    break
+    except (av.FFmpegError, IndexError, ValueError) as exc:
         raise ClipError("undecodable", str(exc)) from None
     if len(frames) < num_frames:
-        raise ClipError("too_short", f"{len(frames)} frames at stride {stride}, need {num_frames}")
+        raise ClipError("too_short", f"{len(frames)} frames from frame {start} at stride {stride}, need {num_frames}")
     return np.stack(frames)                     # (T, H, W, 3)
+
+
+def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
+    """Image bytes (JPEG, PNG, WebP, ...) -> uint8 (1, H, W, 3), resized to cover and center-cropped."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            w, h = cover_size(image.width, image.height, width, height)
+            rgb = np.asarray(image.resize((w, h), Image.BICUBIC))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ClipError("undecodable_image", str(exc)) from None
+    return center_crop(rgb, height, width)[None]
+
+
+def probe_image(data: bytes) -> VideoInfo:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return VideoInfo(1, 0.0, image.width, image.height, 0.0)
+    except (OSError, ValueError) as exc:
+        raise ClipError("undecodable_image", f"cannot probe: {exc}") from None
 
 
 def _codec() -> str:

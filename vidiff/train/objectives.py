@@ -69,7 +69,7 @@ class VAEObjective:
 
 
 class DiTObjective:
-    """EDM loss on latents of the frozen VAE, conditioned on text; captions dropped for guidance."""
+    """EDM loss on latents of the frozen VAE, conditioned on text (the loader drops captions for guidance)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -81,9 +81,7 @@ class DiTObjective:
         return Precond(net, self.cfg.edm.sigma_data)
 
     def loss(self, engine, batch, generator):
-        drop = torch.rand(len(batch["caption"]), generator=generator) < self.cfg.data.caption_dropout
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-        text, text_mask = self.text(captions)
+        text, text_mask = self.text(batch["caption"])
         x0 = self.vae.encode(batch["video"])                                # (B, z, T', h, w)
         edm = self.cfg.edm
         loss = edm_loss(engine, x0, edm.sigma_data, edm.P_mean, edm.P_std, generator,

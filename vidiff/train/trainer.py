@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vidiff.config import RunConfig, save_config
-from vidiff.data.pipeline import ShardLoader
+from vidiff.data.pipeline import SKIP_REASONS, ShardLoader
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.train import checkpoint
 from vidiff.train.checkpoint import CONFIG_NAME
@@ -46,10 +47,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+def _sum_over_ranks(values: torch.Tensor) -> list[float]:
+    values = values.detach().double().clone()
+    dist.all_reduce(values)
+    return values.tolist()
+
+
+def _runtime_skips(loader: ShardLoader, before: Counter) -> dict[str, int]:
+    """Samples skipped while decoding, on all ranks, since the run began (earlier restarts included)."""
+    reasons = sorted(set(SKIP_REASONS) | set(loader.skipped) | set(before))
+    counts = _sum_over_ranks(torch.tensor([float(loader.skipped[r]) for r in reasons]))
+    return {r: int(c) + before[r] for r, c in zip(reasons, counts) if c or before[r]}
+
+
+def _skip_counts(loader: ShardLoader, before: Counter) -> dict[str, int]:
+    """Unusable samples by reason: found in the index (once per dataset) plus skipped while decoding."""
+    return dict(Counter(loader.excluded) + Counter(_runtime_skips(loader, before)))
 
 
 def train(cfg: RunConfig) -> Path:
@@ -76,13 +89,12 @@ def train(cfg: RunConfig) -> Path:
 
     loader = ShardLoader(cfg.data, rank, world, cfg.seed)
     start_step, samples_seen = 0, 0
+    skipped_before: Counter[str] = Counter()      # runtime skips of earlier runs, all ranks summed
     state = checkpoint.resume(engine, run_dir)
     if state is not None:
         start_step, samples_seen = state["step"], state["samples_seen"]
-        if state.get("world_size") == world:
-            loader.load_state_dict(state["data"][rank])
-        else:
-            loader.load_state_dict({"epoch": state["data"][0]["epoch"], "position": 0})
+        loader.load_state_dict(state["data"])     # the same position on every rank, at any world size
+        skipped_before.update(state.get("skipped", {}))
         if state.get("config_digest") != cfg.digest() and rank == 0:
             print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
     generator = torch.Generator()
@@ -90,31 +102,30 @@ def train(cfg: RunConfig) -> Path:
     monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
     if state is not None:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
-    global_batch = cfg.data.batch_size * world
     for step in range(start_step + 1, cfg.train.steps + 1):
         batch = next(loader)
         generator.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)    # a restart replays the same noise
         loss, extra = objective.loss(engine, batch, generator)
+        if batch["padding"]:                       # every sample of this rank's batch was unusable
+            loss = loss * 0.0
         engine.backward(loss)
         engine.step()
-        samples_seen += global_batch
         seconds = monitor.step_seconds()
-        loss_mean = _mean_over_ranks(loss)
+        loss_mean, samples = _sum_over_ranks(torch.tensor([loss.item(), len(batch["key"])]))
+        samples_seen += int(samples)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             monitor.log(step, {
-                "train/loss": loss_mean, "train/lr": schedule.get_last_lr()[0],
+                "train/loss": loss_mean / world, "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "perf/samples_per_s": global_batch / seconds, "perf/step_seconds": seconds,
-                **{f"data/skipped/{k}": v for k, v in loader.skipped.items()}, **extra,
+                "perf/samples_per_s": samples / seconds, "perf/step_seconds": seconds,
+                **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before).items()}, **extra,
             })
         monitor.advance()
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             objective.before_export(engine.module)
-            positions = [None] * world
-            dist.all_gather_object(positions, loader.state_dict())
             tag_dir = checkpoint.save(engine, run_dir, step, {
-                "samples_seen": samples_seen, "data": positions, "world_size": world,
-                "config_digest": cfg.digest(),
+                "samples_seen": samples_seen, "data": loader.state_dict(), "world_size": world,
+                "skipped": _runtime_skips(loader, skipped_before), "config_digest": cfg.digest(),
             })
             monitor.message(f"step {step}: checkpoint {tag_dir}")
     monitor.close()
