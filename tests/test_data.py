@@ -8,12 +8,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from datasets import mixed_samples, png, write_mixed, write_tar
 from vidiff.config import DataConfig
 from vidiff.data.buckets import Bucket, assign_bucket, make_buckets
-from vidiff.data.pipeline import ShardLoader, image_steps, stream_of
+from vidiff.data.pipeline import ShardLoader, image_steps, stream_of, to_model_input
 from vidiff.data.shards import (ShardError, folder_samples, manifest_samples, synthetic_samples, webdataset_samples,
                                 write_index, write_shards)
 from vidiff.data.synthetic import make_clips
@@ -128,7 +129,10 @@ def test_video2dataset_shards_are_read_without_conversion(tmp_path):
     loader = ShardLoader(DataConfig(shards=str(tmp_path / "v2d" / "*.tar"), buckets=[(9, 32, 32)], batch_size=2,
                                     caption_dropout=0.0), 0, 1, seed=0)
     batch = next(loader)
-    assert batch["video"].shape == (2, 3, 9, 32, 32) and all(c.startswith("a ") for c in batch["caption"])
+    assert batch["video"].shape == (2, 9, 32, 32, 3) and batch["video"].dtype == torch.uint8
+    assert all(c.startswith("a ") for c in batch["caption"])
+    video = to_model_input(batch["video"])
+    assert video.shape == (2, 3, 9, 32, 32) and -1 <= video.min() < video.max() <= 1
     # And re-sharded by us: bytes unchanged, metadata added.
     index = write_shards(webdataset_samples([tmp_path / "v2d" / "00000.tar"]), tmp_path / "ours")
     meta = json.loads(index.read_text())["shards"][0]["samples"][0]["meta"]
@@ -167,8 +171,8 @@ def test_batches_never_mix_shapes_and_follow_the_mixture(tmp_path):
     for step in range(12):
         batch = next(loader)
         assert batch["stream"] == stream_of(0.25, step)
-        shapes[tuple(batch["video"].shape[2:])] += 1
-        assert (batch["stream"] == "image") == (batch["video"].shape[2] == 1)
+        shapes[tuple(batch["video"].shape[1:4])] += 1
+        assert (batch["stream"] == "image") == (batch["video"].shape[1] == 1)
         assert len(batch["key"]) == batch["video"].shape[0] and len(set(batch["key"])) == len(batch["key"])
     assert set(shapes) == {(9, 32, 32), (9, 32, 48), (1, 32, 32)}
     assert loader.excluded == {"too_short": 0} or sum(loader.excluded.values()) == 0
@@ -281,7 +285,7 @@ def test_a_batch_with_no_usable_sample_is_padding(tmp_path):
     folder = write_shards(broken, tmp_path / "s").parent
     loader = ShardLoader(_cfg(folder, image_fraction=0.0, buckets=[(9, 32, 32)], batch_size=4), 0, 1, seed=0)
     batch = next(loader)
-    assert batch["padding"] and batch["key"] == [] and batch["video"].shape[2:] == (9, 32, 32)
+    assert batch["padding"] and batch["key"] == [] and batch["video"].shape[1:4] == (9, 32, 32)
 
 
 def test_clear_errors_for_unusable_data(tmp_path):

@@ -85,15 +85,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from vidiff.data.shards import folder_samples, synthetic_samples, write_shards
+    from vidiff.data.shards import (folder_samples, manifest_samples, synthetic_samples, webdataset_samples,
+                                    write_shards)
 
-    if bool(args.synthetic) == bool(args.input):
-        print("vidiff shards: give either --synthetic N or --input FOLDER", file=sys.stderr)
+    sources = [bool(args.synthetic), bool(args.input), bool(args.manifest), bool(args.webdataset)]
+    if sum(sources) != 1:
+        print("vidiff shards: give exactly one of --input FOLDER, --manifest CSV|JSONL, --webdataset TAR..., "
+              "--synthetic N", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    workers = args.workers or max(1, os.cpu_count() or 1)
     if args.synthetic:
         samples = synthetic_samples(args.synthetic, args.height, args.width, args.frames, args.fps, args.seed)
+    elif args.input:
+        samples = folder_samples(args.input, workers)
+    elif args.manifest:
+        samples = manifest_samples(args.manifest, workers)
     else:
-        samples = folder_samples(args.input)
+        samples = webdataset_samples(args.webdataset)
     index = write_shards(samples, args.out, args.prefix, max_count=args.max_count,
                          max_bytes=int(args.max_mb * 2**20), total=args.synthetic or None)
     print(f"wrote shards and {index}")
@@ -122,17 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN/samples/<tag>)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("shards", help="write webdataset shards from a video folder or the synthetic generator")
+    p = sub.add_parser("shards", help="write webdataset shards (clip bytes unchanged, .txt, .json) and index.json")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--input", help="folder of videos with .txt caption sidecars")
+    p.add_argument("--input", help="folder of videos/images with .txt caption sidecars of the same stem")
+    p.add_argument("--manifest", help="CSV (header: path,caption) or JSONL ({'path', 'caption'}) manifest")
+    p.add_argument("--webdataset", nargs="+", help="existing (e.g. video2dataset) tar shards to re-shard")
     p.add_argument("--synthetic", type=int, default=0, help="number of synthetic moving-shape clips")
+    p.add_argument("--workers", type=int, default=0, help="probing processes (default: all cores)")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="shard")
-    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
+    p.add_argument("--max-count", type=int, default=100_000, help="samples per shard at most")
     p.add_argument("--max-mb", type=float, default=1024, help="shard size limit in MiB")
     p.set_defaults(func=cmd_shards)
     return parser

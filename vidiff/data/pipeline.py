@@ -215,8 +215,9 @@ class _RankBatches(IterableDataset):
 
 
 class ShardLoader:
-    """Iterator of batches {"video": (B, 3, T, H, W) in [-1, 1], "caption", "key", "epoch", "stream",
-    "bucket", "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank)."""
+    """Iterator of batches {"video": uint8 (B, T, H, W, 3), "caption", "key", "epoch", "stream", "bucket",
+    "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank).
+    Videos stay uint8 (4x less to move between processes and to the GPU): see `to_model_input`."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -265,8 +266,13 @@ class ShardLoader:
         self.cursors[stream] = self.planners[stream].locate(epoch, index + self.world_size)
         self.step += 1
         self.skipped.update(batch["skipped"])
-        video = batch["video"].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0     # (B, 3, T, H, W)
-        return {**batch, "video": video}
+        return batch
+
+
+def to_model_input(video: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) from the loader -> float (B, 3, T, H, W) in [-1, 1] on the device."""
+    video = video.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)     # (B, 3, T, H, W)
+    return video.float() / 127.5 - 1.0
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

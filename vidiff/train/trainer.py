@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vidiff.config import RunConfig, save_config
-from vidiff.data.pipeline import SKIP_REASONS, ShardLoader
+from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.train import checkpoint
 from vidiff.train.checkpoint import CONFIG_NAME
@@ -104,6 +104,7 @@ def train(cfg: RunConfig) -> Path:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
     for step in range(start_step + 1, cfg.train.steps + 1):
         batch = next(loader)
+        batch["video"] = to_model_input(batch["video"], engine.device)
         generator.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)    # a restart replays the same noise
         loss, extra = objective.loss(engine, batch, generator)
         if batch["padding"]:                       # every sample of this rank's batch was unusable
