@@ -73,7 +73,21 @@ class VAEConfig(_Section):
     latent_channels: int = Field(16, ge=1)
     base_channels: int = Field(64, ge=8)      # width of the first level; doubles twice
     kl_weight: float = Field(1e-6, ge=0.0)
+    chunk_frames: int = Field(16, ge=4)       # encode/decode in causal chunks of this many frames (multiple of 4)
+    tile_size: int = Field(0, ge=0)           # spatial tiles of this many pixels for large frames (0: whole frame)
+    tile_overlap: int = Field(32, ge=8)       # pixels shared by neighbouring tiles, blended linearly
     checkpoint: str | None = None             # DiT runs: the VAE run's folder (its latest export is used)
+
+    @model_validator(mode="after")
+    def _multiples(self) -> "VAEConfig":
+        if self.chunk_frames % 4:
+            raise ValueError(f"chunk_frames must be a multiple of 4 (the temporal factor), got {self.chunk_frames}")
+        for name in ("tile_size", "tile_overlap"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a multiple of 8 (the spatial factor), got {getattr(self, name)}")
+        if self.tile_size and self.tile_overlap >= self.tile_size:
+            raise ValueError(f"tile_overlap {self.tile_overlap} must be smaller than tile_size {self.tile_size}")
+        return self
 
 
 class DiTConfig(_Section):

@@ -1,8 +1,10 @@
 """Causal 3D convolutional VAE: 4x in time, 8x8 in space; 1 + 4k frames <-> 1 + k latent frames.
 
-Causality: every convolution pads time on the left only and normalization is per frame, so frame t of
-the latent depends on frames <= t of the video, and the first frame is encoded on its own (an image is a
-1-frame video). The latent's scale/shift statistics live here and only here (`encode` / `decode`).
+Causality: every convolution pads time on the left only and normalization is per position, so latent
+frame t depends on video frames <= 4t only, and the first frame is encoded on its own (an image is a 1-frame
+video). Because of that, a long clip can be encoded in chunks that carry each convolution's last frames
+(the same latents as whole, memory flat in length), and large frames in blended spatial tiles.
+The latent's scale/shift statistics live here and only here (`encode` / `decode`).
 """
 
 from __future__ import annotations
@@ -29,56 +31,68 @@ def video_frames(latent_t: int) -> int:
     return 1 + (latent_t - 1) * TEMPORAL_FACTOR
 
 
+# Streaming state: each causal convolution keeps its last (kernel - 1) input frames between chunks.
+Cache = dict
+
+
 class CausalConv3d(nn.Module):
-    """3D convolution over (T, H, W) that sees only current and past frames (left time padding by frame 0)."""
+    """3D convolution over (T, H, W) that sees only current and past frames. The first chunk pads time on
+    the left with copies of frame 0; later chunks are padded with the previous chunk's last frames."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3):
         super().__init__()
         self.pad_t = kernel - 1
         self.conv = nn.Conv3d(c_in, c_out, kernel, padding=(0, kernel // 2, kernel // 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # (B, C, T, H, W)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:   # (B, C, T, H, W)
         if self.pad_t:
-            x = torch.cat([x[:, :, :1].expand(-1, -1, self.pad_t, -1, -1), x], dim=2)
+            past = cache.get(self) if cache is not None else None
+            if past is None:
+                past = x[:, :, :1].expand(-1, -1, self.pad_t, -1, -1)
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache[self] = x[:, :, -self.pad_t:]
         return self.conv(x)
 
 
-class FrameNorm(nn.GroupNorm):
-    """GroupNorm applied to each frame on its own (statistics across time would break causality)."""
+class ChannelNorm(nn.Module):
+    """RMS norm over channels at each (t, h, w): local, so chunks and tiles see the same statistics."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                    # (B, C, T, H, W)
-        B = x.shape[0]
-        y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
-        return rearrange(y, "(b t) c h w -> b c t h w", b=B)
-
-
-def _norm(c: int) -> FrameNorm:
-    return FrameNorm(min(8, c), c)
+        rms = x.pow(2).mean(1, keepdim=True).add(self.eps).rsqrt()
+        return x * rms * self.weight.reshape(1, -1, 1, 1, 1)
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), CausalConv3d(c_in, c_out)
-        self.norm2, self.conv2 = _norm(c_out), CausalConv3d(c_out, c_out)
+        self.norm1, self.conv1 = ChannelNorm(c_in), CausalConv3d(c_in, c_out)
+        self.norm2, self.conv2 = ChannelNorm(c_out), CausalConv3d(c_out, c_out)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
         return self.skip(x) + h
 
 
-def time_down(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, 1 + 2m, H, W) -> (B, C, 1 + m, H, W): frame 0 alone, then the mean of each later pair."""
-    first, rest = x[:, :, :1], x[:, :, 1:]
+def time_down(x: torch.Tensor, first: bool = True) -> torch.Tensor:
+    """(B, C, 1 + 2m, H, W) -> (B, C, 1 + m, H, W): frame 0 alone, then the mean of each later pair.
+    A later chunk (first=False) has no frame 0: (B, C, 2m, H, W) -> (B, C, m, H, W)."""
+    head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
     rest = rearrange(rest, "b c (m two) h w -> b c m two h w", two=2).mean(3)
-    return torch.cat([first, rest], dim=2)
+    return torch.cat([head, rest], dim=2)
 
 
-def time_up(x: torch.Tensor) -> torch.Tensor:
+def time_up(x: torch.Tensor, first: bool = True) -> torch.Tensor:
     """(B, C, 1 + m, H, W) -> (B, C, 1 + 2m, H, W): frame 0 alone, each later frame twice."""
-    return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+    head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
+    return torch.cat([head, rest.repeat_interleave(2, dim=2)], dim=2)
 
 
 class Down(nn.Module):
@@ -87,8 +101,8 @@ class Down(nn.Module):
         self.temporal = temporal
         self.conv = nn.Conv3d(c, c, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(time_down(x) if self.temporal else x)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        return self.conv(time_down(x, first) if self.temporal else x)
 
 
 class Up(nn.Module):
@@ -97,10 +111,10 @@ class Up(nn.Module):
         self.temporal = temporal
         self.conv = CausalConv3d(c, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = time_up(x) if self.temporal else x
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        x = time_up(x, first) if self.temporal else x
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        return self.conv(x)
+        return self.conv(x, cache)
 
 
 class Encoder(nn.Module):
@@ -113,13 +127,13 @@ class Encoder(nn.Module):
             ResBlock(2 * c, 4 * c), Down(4 * c, temporal=False),
             ResBlock(4 * c, 4 * c),
         ])
-        self.norm_out, self.conv_out = _norm(4 * c), CausalConv3d(4 * c, 2 * z)
+        self.norm_out, self.conv_out = ChannelNorm(4 * c), CausalConv3d(4 * c, 2 * z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # (B, 3, T, H, W)
-        h = self.conv_in(x)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        h = self.conv_in(x, cache)                                          # (B, 3, T, H, W) -> (B, c, ...)
         for block in self.blocks:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, 2z, T', H/8, W/8)
+            h = block(h, cache, first)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)              # (B, 2z, T', H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -132,17 +146,76 @@ class Decoder(nn.Module):
             Up(2 * c, temporal=True), ResBlock(2 * c, c),
             Up(c, temporal=True), ResBlock(c, c),
         ])
-        self.norm_out, self.conv_out = _norm(c), CausalConv3d(c, 3)
+        self.norm_out, self.conv_out = ChannelNorm(c), CausalConv3d(c, 3)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:                    # (B, z, T', h, w)
-        h = self.conv_in(z)
+    def forward(self, z: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        h = self.conv_in(z, cache)                                          # (B, z, T', h, w)
         for block in self.blocks:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, 3, T, 8h, 8w)
+            h = block(h, cache, first)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)              # (B, 3, T, 8h, 8w)
+
+
+def chunk_bounds(frames: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of causal chunks: 1 + chunk frames first, then chunk frames each (the last may be shorter)."""
+    bounds, start = [], 0
+    while start < frames:
+        stop = min(frames, start + chunk + (1 if start == 0 else 0))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(n: int, lo: int, hi: int) -> torch.Tensor:
+    """Blend weights along one tile side. Over an overlap with a neighbour the weight is ~0 for the 3/8 nearest
+    the tile's edge (where the missing context distorts the output), rises linearly over the middle quarter,
+    and is 1 beyond: each tile is trusted where it saw context on both sides, seams are still blended."""
+    def rise(m: int) -> torch.Tensor:
+        margin = 3 * m // 8
+        return torch.cat([torch.full((margin,), 1e-6), torch.linspace(0, 1, m - 2 * margin + 2)[1:-1],
+                          torch.ones(margin)])
+
+    w = torch.ones(n)
+    if lo:
+        w[:lo] = rise(lo)
+    if hi:
+        w[n - hi:] = rise(hi).flip(0)
+    return w
+
+
+def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """Apply fn to overlapping spatial tiles of x (B, C, T, H, W) and blend the results linearly; fn maps a
+    tile of side s to one of side s * scale."""
+    H, W = x.shape[-2:]
+    out = weight = None
+    for top in tile_starts(H, tile, overlap):
+        for left in tile_starts(W, tile, overlap):
+            y = fn(x[..., top:top + tile, left:left + tile])
+            h, w = y.shape[-2:]
+            ov = round(overlap * scale)
+            wy = _ramp(h, ov if top else 0, ov if top + tile < H else 0)
+            wx = _ramp(w, ov if left else 0, ov if left + tile < W else 0)
+            mask = (wy[:, None] * wx[None]).to(y)                          # (h, w)
+            if out is None:
+                out = y.new_zeros(*y.shape[:-2], round(H * scale), round(W * scale))
+                weight = y.new_zeros(round(H * scale), round(W * scale))
+            r, c = round(top * scale), round(left * scale)
+            out[..., r:r + h, c:c + w] += y * mask
+            weight[r:r + h, c:c + w] += mask
+    return out / weight
 
 
 class VideoVAE(nn.Module):
-    """Encoder interface: encode(video in [-1, 1]) -> normalized latent; decode(latent) -> video."""
+    """Encoder interface: encode(video in [-1, 1]) -> normalized latent; decode(latent) -> video.
+
+    encode/decode run causal chunks of cfg.chunk_frames frames (memory flat in clip length, same result as
+    whole) and, when cfg.tile_size is set, overlapping spatial tiles blended linearly (large frames)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -153,11 +226,15 @@ class VideoVAE(nn.Module):
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_channels))
 
-    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior N(mean, exp(logvar)) of the raw latent; video (B, 3, 1 + 4k, H, W)."""
+    @staticmethod
+    def _check(video: torch.Tensor) -> None:
         latent_frames(video.shape[2])
         if video.shape[-1] % SPATIAL_FACTOR or video.shape[-2] % SPATIAL_FACTOR:
             raise ValueError(f"height and width must be multiples of {SPATIAL_FACTOR}, got {tuple(video.shape[-2:])}")
+
+    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior N(mean, exp(logvar)) of the raw latent, in one pass; video (B, 3, 1 + 4k, H, W)."""
+        self._check(video)
         mean, logvar = self.encoder(video).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -167,19 +244,43 @@ class VideoVAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.decoder(mean + (0.5 * logvar).exp() * eps), mean, logvar
 
+    def _stream(self, net: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Run a causal net over time chunks of x, carrying each convolution's past frames."""
+        cache: Cache = {}
+        parts = [net(x[:, :, a:b], cache, first=(a == 0)) for a, b in chunk_bounds(x.shape[2], chunk)]
+        return torch.cat(parts, dim=2)
+
+    def _spatial(self, fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+        if not self.cfg.tile_size or max(x.shape[-2:]) <= tile:
+            return fn(x)
+        return tiled(fn, x, tile, overlap, scale)
+
     def _bcast(self, stat: torch.Tensor) -> torch.Tensor:
         return stat.reshape(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, z, 1 + k, H/8, W/8), about zero mean and unit variance."""
-        mean, _ = self.moments(video)
+        self._check(video)
+
+        def encode_tile(x: torch.Tensor) -> torch.Tensor:
+            return self._stream(self.encoder, x, self.cfg.chunk_frames)[:, : self.cfg.latent_channels]
+
+        cfg = self.cfg
+        mean = self._spatial(encode_tile, video, cfg.tile_size, cfg.tile_overlap, 1 / SPATIAL_FACTOR)
         return (mean - self._bcast(self.latent_shift)) / self._bcast(self.latent_scale)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Inverse of encode: (B, z, T', h, w) -> (B, 3, 1 + 4(T' - 1), 8h, 8w) in about [-1, 1]."""
-        return self.decoder(latent * self._bcast(self.latent_scale) + self._bcast(self.latent_shift))
+        raw = latent * self._bcast(self.latent_scale) + self._bcast(self.latent_shift)
+
+        def decode_tile(z: torch.Tensor) -> torch.Tensor:
+            return self._stream(self.decoder, z, self.cfg.chunk_frames // TEMPORAL_FACTOR)
+
+        cfg = self.cfg
+        return self._spatial(decode_tile, raw, cfg.tile_size // SPATIAL_FACTOR, cfg.tile_overlap // SPATIAL_FACTOR,
+                             SPATIAL_FACTOR)
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

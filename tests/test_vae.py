@@ -1,0 +1,82 @@
+"""The causal VAE's Encoder interface: chunked == whole, memory flat in clip length, tiles ~ whole frames."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from vidiff.config import VAEConfig
+from vidiff.models.vae import VideoVAE, chunk_bounds
+
+
+def _vae(**kw) -> VideoVAE:
+    torch.manual_seed(0)
+    return VideoVAE(VAEConfig(latent_channels=8, base_channels=16, **kw)).eval()
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (-10 * torch.log10(((a - b) / 2).pow(2).mean())).item()
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(1, 8) == [(0, 1)]
+    assert chunk_bounds(33, 8) == [(0, 9), (9, 17), (17, 25), (25, 33)]
+    assert chunk_bounds(21, 8) == [(0, 9), (9, 17), (17, 21)]
+
+
+@pytest.mark.parametrize("frames", [9, 21, 33])
+def test_chunked_encode_and_decode_equal_whole(frames):
+    vae = _vae(chunk_frames=8)
+    video = torch.rand(2, 3, frames, 32, 32, generator=torch.Generator().manual_seed(frames)) * 2 - 1
+    with torch.no_grad():
+        whole_latent = vae.moments(video)[0]
+        whole_video = vae.decoder(whole_latent)
+    chunked_latent = vae.encode(video)                          # shift 0, scale 1: the raw posterior mean
+    assert chunked_latent.shape == whole_latent.shape == (2, 8, 1 + (frames - 1) // 4, 4, 4)
+    assert (chunked_latent - whole_latent).abs().max() <= 1e-5
+    assert (vae.decode(whole_latent) - whole_video).abs().max() <= 1e-5
+
+
+def test_an_image_is_a_one_frame_video():
+    vae = _vae()
+    image = torch.rand(3, 3, 1, 40, 24) * 2 - 1
+    latent = vae.encode(image)
+    assert latent.shape == (3, 8, 1, 5, 3)
+    assert vae.decode(latent).shape == image.shape
+
+
+def test_tiled_reconstruction_matches_untiled():
+    video = torch.rand(1, 3, 5, 160, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole, tiles = _vae(), _vae(tile_size=128, tile_overlap=64)
+    reference = whole.decode(whole.encode(video))
+    tiled = tiles.decode(tiles.encode(video))
+    assert tiled.shape == reference.shape
+    assert _psnr(tiled, reference) >= 40.0
+
+
+_PEAK_RSS = """
+import resource, sys, torch
+from vidiff.config import VAEConfig
+from vidiff.models.vae import VideoVAE
+frames, chunk = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+vae = VideoVAE(VAEConfig(latent_channels=8, base_channels=32, chunk_frames=chunk)).eval()
+vae.encode(torch.zeros(1, 3, frames, 128, 128))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(frames: int, chunk: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(frames), str(chunk)], capture_output=True,
+                         text=True, check=True, cwd=REPO, timeout=300)
+    return int(out.stdout.split()[-1])
+
+
+def test_memory_stays_flat_as_the_clip_grows():
+    short, long = _peak_rss_kib(17, 8), _peak_rss_kib(65, 8)
+    whole = _peak_rss_kib(65, 64)                               # one chunk: what chunking saves
+    assert long <= 1.3 * short, json.dumps({"17 frames": short, "65 frames": long})
+    assert whole > 1.3 * short, "the clip is too small for this test to tell chunked from whole"
