@@ -15,7 +15,7 @@ from datasets import write_tar
 from vidiff.data.shards import write_index
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import encode_mp4
-from vidiff.train.monitor import read_scalars
+from vidiff.train.monitor import read_images, read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,11 @@ def test_demo_pipeline_trains_resumes_and_samples(tmp_path):
 
     vae_dir = tmp_path / "vae"
     launch("configs/vae/demo.yaml", *small, "vae.base_channels=8", "vae.latent_channels=4",
-           "train.steps=3", "train.checkpoint_every=2", f"out_dir={vae_dir}", cwd=tmp_path)
+           "train.steps=3", "train.checkpoint_every=2", f"out_dir={vae_dir}", "train.eval_every=2",
+           f"data.eval_shards={tmp_path / 'shards'}", "train.eval_batches=1", cwd=tmp_path)
+    assert sorted(read_scalars(vae_dir, "eval/psnr")) == [2, 3] and read_scalars(vae_dir, "eval/ssim")[3] <= 1
+    preview = read_images(vae_dir, "eval/reconstruction")[3]
+    assert preview[:4] == b"GIF8"                                              # input | reconstruction
     assert (vae_dir / "checkpoints/latest").read_text() == "step00000003"
     assert (vae_dir / "config.yaml").is_file()
 

@@ -39,6 +39,7 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)         # DataLoader worker processes per rank
     decode_threads: int = Field(1, ge=1)      # PyAV threads per worker (workers x threads <= cores)
     seed: int | None = None                   # shuffling seed; defaults to the run's seed
+    eval_shards: str | None = None            # held-out shards for train.eval_every (first clips, fixed start)
 
     @field_validator("buckets")
     @classmethod
@@ -130,6 +131,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)     # 0 disables clipping
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(0, ge=0)          # held-out metrics and previews every n steps (0: never)
+    eval_batches: int = Field(2, ge=1)
 
 
 class ParallelConfig(_Section):

@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import math
+import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -252,7 +253,13 @@ class ShardLoader:
         dataset = _RankBatches(self)
         if self.cfg.num_workers == 0:
             return iter(dataset)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=2))
+        # forkserver: workers fork from a clean single-threaded server, never from a trainer full of threads
+        # (gloo, OpenMP, FFmpeg), where a lock held by another thread at fork() time deadlocks the child.
+        # The server imports this module once, so each worker starts in milliseconds.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=2,
+                               multiprocessing_context=context))
 
     def __iter__(self) -> "ShardLoader":
         return self

@@ -238,9 +238,12 @@ class VideoVAE(nn.Module):
         mean, logvar = self.encoder(video).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
-        """Training pass: (reconstruction, posterior mean, posterior logvar)."""
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+        """Training pass: (reconstruction, posterior mean, posterior logvar); the reconstruction decodes a
+        posterior sample, or the posterior mean with sample=False."""
         mean, logvar = self.moments(video)
+        if not sample:
+            return self.decoder(mean), mean, logvar
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.decoder(mean + (0.5 * logvar).exp() * eps), mean, logvar
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from vidiff.data.video import encode_gif
 
 
 class Monitor:
@@ -31,6 +35,14 @@ class Monitor:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.4f}", refresh=False)
+
+    def video(self, step: int, tag: str, frames: np.ndarray, fps: int = 8) -> None:
+        """An animated GIF preview, uint8 (T, H, W, 3), as a TensorBoard image (its add_video needs moviepy 1)."""
+        if not self.active:
+            return
+        T, H, W, _ = frames.shape
+        image = Summary.Image(height=H, width=W, colorspace=3, encoded_image_string=encode_gif(frames, fps))
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def advance(self) -> None:
         if self.active:
@@ -57,6 +69,19 @@ def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+def read_images(run_dir: Path, tag: str) -> dict[int, bytes]:
+    """{step: encoded image bytes} of one image summary (e.g. a GIF preview), read back from event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images: dict[int, bytes] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["images"]:
+            images.update({e.step: e.encoded_image_string for e in acc.Images(tag)})
+    return images
 
 
 def scalar_tags(run_dir: Path) -> list[str]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from vidiff.config import RunConfig
+from vidiff.data.pipeline import to_uint8
 from vidiff.diffusion.edm import Precond, edm_loss
+from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT
 from vidiff.models.text import TextEncoder
 from vidiff.models.vae import VideoVAE, kl_divergence
@@ -24,12 +27,7 @@ class Objective(Protocol):
     def build_model(self) -> nn.Module: ...
     def loss(self, engine, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
     def before_export(self, module: nn.Module) -> None: ...
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB of videos in [-1, 1]."""
-    mse = ((x.clamp(-1, 1) - y) / 2).pow(2).mean()
-    return -10 * torch.log10(mse.clamp(min=1e-10))
+    def evaluate(self, engine, batches: list[dict]) -> tuple[dict[str, float], np.ndarray | None]: ...
 
 
 class VAEObjective:
@@ -53,6 +51,19 @@ class VAEObjective:
             self.ema_decay * self.latent_moments + (1 - self.ema_decay) * moments)
         loss = l1 + mse + self.cfg.vae.kl_weight * kl
         return loss, {"vae/l1": l1.item(), "vae/kl": kl.item(), "vae/psnr": psnr(recon.detach(), video).item()}
+
+    @torch.no_grad()
+    def evaluate(self, engine, batches):
+        """Held-out PSNR/SSIM of reconstructions from the posterior mean; preview: input | reconstruction."""
+        scores, preview = [], None
+        for batch in batches:
+            video = batch["video"]
+            recon, _, _ = engine(video, sample=False)
+            scores.append((psnr(recon, video).item(), ssim(recon, video).item()))
+            if preview is None:
+                preview = np.concatenate([to_uint8(video[0]), to_uint8(recon[0])], axis=2)   # (T, H, 2W, 3)
+        return {"eval/psnr": float(np.mean([p for p, _ in scores])),
+                "eval/ssim": float(np.mean([s for _, s in scores]))}, preview
 
     def before_export(self, module: nn.Module) -> None:
         """Set the latent shift/scale from the ranks' averaged statistics, so encode() gives ~N(0, 1)."""
@@ -87,6 +98,9 @@ class DiTObjective:
         loss = edm_loss(engine, x0, edm.sigma_data, edm.P_mean, edm.P_std, generator,
                         text=text, text_mask=text_mask)
         return loss, {}
+
+    def evaluate(self, engine, batches):
+        return {}, None
 
     def before_export(self, module: nn.Module) -> None:
         pass

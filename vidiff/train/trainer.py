@@ -6,6 +6,7 @@ import os
 import random
 import warnings
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,17 @@ def _skip_counts(loader: ShardLoader, before: Counter) -> dict[str, int]:
     return dict(Counter(loader.excluded) + Counter(_runtime_skips(loader, before)))
 
 
+def held_out_batches(cfg: RunConfig, device: torch.device) -> list[dict]:
+    """The first train.eval_batches batches of data.eval_shards (fixed starts, real captions), decoded once;
+    every rank evaluates the same ones, so ZeRO-3 sees the same module calls everywhere."""
+    if not (cfg.data.eval_shards and cfg.train.eval_every):
+        return []
+    eval_cfg = cfg.data.model_copy(update={"shards": cfg.data.eval_shards, "random_start": False,
+                                           "caption_dropout": 0.0, "num_workers": 0, "image_fraction": 0.0})
+    loader = ShardLoader(eval_cfg, rank=0, world_size=1, seed=cfg.seed)
+    return [{**b, "video": to_model_input(b["video"], device)} for b in islice(loader, cfg.train.eval_batches)]
+
+
 def train(cfg: RunConfig) -> Path:
     """Train cfg.task for cfg.train.steps steps; returns the run folder."""
     import deepspeed
@@ -99,6 +111,7 @@ def train(cfg: RunConfig) -> Path:
             print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
     generator = torch.Generator()
 
+    eval_batches = held_out_batches(cfg, engine.device)
     monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
     if state is not None:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
@@ -122,6 +135,12 @@ def train(cfg: RunConfig) -> Path:
                 **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before).items()}, **extra,
             })
         monitor.advance()
+        if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            with torch.no_grad():
+                metrics, preview = objective.evaluate(engine, eval_batches)
+            monitor.log(step, metrics)
+            if preview is not None:
+                monitor.video(step, "eval/reconstruction", preview)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             objective.before_export(engine.module)
             tag_dir = checkpoint.save(engine, run_dir, step, {
