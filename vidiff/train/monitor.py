@@ -58,38 +58,27 @@ class Monitor:
             self.writer.close()
 
 
-def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """{step: value} of one scalar, read back from every event file under run_dir (later files win)."""
+def _event_files(run_dir: Path):
+    """An EventAccumulator per TensorBoard event file under run_dir, oldest file first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    values: dict[int, float] = {}
     for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
         acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+        yield acc
+
+
+def read_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar, read back from every event file under run_dir (later files win)."""
+    return {e.step: e.value for acc in _event_files(run_dir) if tag in acc.Tags()["scalars"]
+            for e in acc.Scalars(tag)}
 
 
 def read_images(run_dir: Path, tag: str) -> dict[int, bytes]:
     """{step: encoded image bytes} of one image summary (e.g. a GIF preview), read back from event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    images: dict[int, bytes] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["images"]:
-            images.update({e.step: e.encoded_image_string for e in acc.Images(tag)})
-    return images
+    return {e.step: e.encoded_image_string for acc in _event_files(run_dir) if tag in acc.Tags()["images"]
+            for e in acc.Images(tag)}
 
 
 def scalar_tags(run_dir: Path) -> list[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags: set[str] = set()
-    for events in Path(run_dir).rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        tags.update(acc.Tags()["scalars"])
-    return sorted(tags)
+    return sorted({tag for acc in _event_files(run_dir) for tag in acc.Tags()["scalars"]})
