@@ -70,6 +70,17 @@ def test_demo_pipeline_trains_resumes_and_samples(tmp_path):
     assert sorted(read_scalars(dit_dir, "train/loss")) == [1, 2, 3, 4, 5, 6]     # the step counter continued
     assert read_scalars(dit_dir, "data/skipped/empty_member")[6] == 1
 
+    # Latent shards: encode once, then a DiT run reads them directly (cached text embeddings too).
+    latents = tmp_path / "latents"
+    cached = run_vidiff("cache-latents", str(REPO / "configs/demo.yaml"), *dit, "--out", str(latents), "--text",
+                        cwd=tmp_path)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert len(list(latents.glob("latents-*.tar"))) == 5 and (latents / "index.json").is_file()
+    latent_dir = tmp_path / "dit-latents"
+    launch("configs/demo.yaml", *dit, f"data.shards={latents}", f"out_dir={latent_dir}", "train.steps=2",
+           cwd=tmp_path)
+    assert sorted(read_scalars(latent_dir, "train/loss")) == [1, 2]
+
     sampled = run_vidiff("sample", str(REPO / "configs/demo.yaml"), *dit, cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     mp4s = list((dit_dir / "samples/step00000006").glob("*.mp4"))

@@ -84,6 +84,33 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'contact_sheet.png'}")
 
 
+def cmd_cache_latents(args: argparse.Namespace) -> None:
+    """Encode the config's shards with its VAE into latent shards; under a launcher, ranks split the shards."""
+    cfg = _load(args)
+    if cfg.task != "dit" or not cfg.vae.checkpoint:
+        print(f"vidiff cache-latents: {args.config} must be a DiT config with vae.checkpoint", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    import torch
+    import torch.distributed as dist
+
+    from vidiff.data.latents import cache_latents
+    from vidiff.data.shards import write_index
+    from vidiff.models.text import TextEncoder
+    from vidiff.train.checkpoint import load_vae
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    text = TextEncoder(cfg.text) if args.text else None
+    written = cache_latents(cfg, args.out, load_vae(cfg.vae.checkpoint), text, rank, world)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        print(f"wrote {len(written)} latent shards on rank 0; index {write_index(args.out)}")
+        print(f"train on them with: data.shards={args.out}")
+
+
 def cmd_shards(args: argparse.Namespace) -> None:
     from vidiff.data.shards import (folder_samples, manifest_samples, synthetic_samples, webdataset_samples,
                                     write_shards)
@@ -129,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt (repeatable); default: sample.prompts")
     p.add_argument("--out", help="output folder (default: RUN/samples/<tag>)")
     p.set_defaults(func=cmd_sample)
+
+    p = with_config(sub.add_parser("cache-latents", help="encode a DiT config's shards into latent shards"))
+    p.add_argument("--out", required=True, help="folder for latents-<shard>.tar and index.json")
+    p.add_argument("--text", action="store_true", help="also store the text encoder's token embeddings")
+    p.set_defaults(func=cmd_cache_latents)
 
     p = sub.add_parser("shards", help="write webdataset shards (clip bytes unchanged, .txt, .json) and index.json")
     p.add_argument("--out", required=True, help="output folder")

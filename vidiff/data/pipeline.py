@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -33,7 +34,7 @@ from vidiff.data.video import ClipError, decode_clip, decode_image
 
 STREAMS = ("video", "image")
 # Why a sample is skipped while decoding (reasons found in the index alone are in ShardLoader.excluded).
-SKIP_REASONS = ("undecodable", "undecodable_image", "too_short")
+SKIP_REASONS = ("undecodable", "undecodable_image", "undecodable_latent", "too_short")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ def load_index(shards: str) -> list[SampleRef]:
     if not refs:
         raise ShardError(f"data.shards {shards!r} holds no samples (expected a folder of *.tar shards or a glob)")
     return refs
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An array from a shard, read with allow_pickle=False: never unpickled."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ClipError("undecodable_latent", str(exc)) from None
 
 
 def unit_hash(*parts: object) -> float:
@@ -88,7 +97,15 @@ def classify(samples: list[SampleRef], cfg: DataConfig, buckets: list[Bucket]
         elif "txt" not in ref.members or ref.members["txt"][1] == 0:
             excluded["missing_caption"] += 1
         elif not ref.meta:
-            excluded["undecodable" if kind == "video" else "undecodable_image"] += 1
+            excluded["undecodable" if kind == "video" else f"undecodable_{kind}"] += 1
+        elif kind == "latent":                        # cached at a bucket's size: only that bucket takes it
+            m = ref.meta
+            bucket = next((b for b in buckets if (b.frames, b.height, b.width) == (m["frames"], m["height"],
+                                                                                  m["width"])), None)
+            if bucket is None:
+                excluded["latent_without_bucket"] += 1
+            else:
+                streams["image" if bucket.is_image else "video"].append((i, bucket))
         else:
             m = ref.meta
             bucket = assign_bucket(buckets, kind == "image", m["width"], m["height"], m["frames"],
@@ -106,6 +123,7 @@ class EpochPlanner:
     def __init__(self, entries: list[tuple[int, Bucket]], samples: list[SampleRef], buckets: list[Bucket],
                  seed: int, stream: str):
         self.buckets, self.seed, self.stream_id = buckets, seed, STREAMS.index(stream)
+        self.entries = entries
         self.by_shard: dict[Path, list[tuple[int, Bucket]]] = {}
         for sample_id, bucket in entries:
             self.by_shard.setdefault(samples[sample_id].shard, []).append((sample_id, bucket))
@@ -176,11 +194,13 @@ class _RankBatches(IterableDataset):
     def batch_at(self, j: int) -> dict:
         stream, epoch, index = self.position(j)
         bucket, sample_ids = self.planners[stream].plan(epoch)[index]
-        clips, captions, keys, skipped = [], [], [], Counter()
+        clips, captions, keys, texts, skipped = [], [], [], [], Counter()
         for sample_id in sample_ids:
             ref = self.samples[sample_id]
             try:
                 clips.append(self.load(ref, bucket, epoch))
+                if "text.npy" in ref.members:
+                    texts.append((load_npy(self.read(ref, "text.npy")), load_npy(self.read(ref, "mask.npy"))))
             except ClipError as exc:
                 skipped[exc.reason] += 1
                 continue
@@ -192,8 +212,17 @@ class _RankBatches(IterableDataset):
         if padding:
             clips = [np.zeros((bucket.frames, bucket.height, bucket.width, 3), np.uint8)]
             captions = [""]
-        return {"video": torch.from_numpy(np.stack(clips)), "caption": captions, "key": keys, "epoch": epoch,
-                "stream": stream, "bucket": bucket.name, "padding": padding, "skipped": dict(skipped)}
+        batch = {"caption": captions, "key": keys, "epoch": epoch, "stream": stream, "bucket": bucket.name,
+                 "padding": padding, "skipped": dict(skipped)}
+        stacked = torch.from_numpy(np.stack(clips))
+        if stacked.dtype == torch.uint8:
+            batch["video"] = stacked                                        # (B, T, H, W, 3)
+        else:
+            batch["latent"] = stacked.float()                               # (B, z, T', h, w) from cache-latents
+        if texts and len(texts) == len(clips):
+            batch["text"] = torch.from_numpy(np.stack([t for t, _ in texts])).float()   # (B, L, Dt)
+            batch["text_mask"] = torch.from_numpy(np.stack([m for _, m in texts]))
+        return batch
 
     def read(self, ref: SampleRef, ext: str) -> bytes:
         offset, size = ref.members[ext]
@@ -205,6 +234,8 @@ class _RankBatches(IterableDataset):
         """uint8 (T, H, W, 3) at the bucket's size."""
         kind, ext = media_kind(ref.members)
         data = self.read(ref, ext)
+        if kind == "latent":
+            return load_npy(data)
         if kind == "image":
             return decode_image(data, bucket.height, bucket.width)
         stride = sample_stride(self.cfg, ref.meta)
@@ -237,6 +268,10 @@ class ShardLoader:
         self.skipped: Counter[str] = Counter()           # runtime skips on this rank
         self._batches: Iterator[dict] | None = None
 
+    def dataset(self) -> "_RankBatches":
+        """This rank's batches from the current position (also a reader of single samples)."""
+        return _RankBatches(self)
+
     def steps_per_epoch(self, stream: str = "video") -> int:
         """Steps that consume one epoch of a stream (the last may reach into the next epoch)."""
         return math.ceil(len(self.planners[stream].plan(0)) / self.world_size)
@@ -250,7 +285,7 @@ class ShardLoader:
         self._batches = None
 
     def _start(self) -> Iterator[dict]:
-        dataset = _RankBatches(self)
+        dataset = self.dataset()
         if self.cfg.num_workers == 0:
             return iter(dataset)
         # forkserver: workers fork from a clean single-threaded server, never from a trainer full of threads

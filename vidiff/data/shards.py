@@ -35,9 +35,14 @@ class ShardError(ValueError):
     """Shard input or output that cannot be used."""
 
 
+LATENT_MEMBER = "latent.npy"
+
+
 def media_kind(members: Iterable[str]) -> tuple[str | None, str | None]:
-    """("video" | "image" | None, the media member's extension) of a sample's member extensions."""
+    """("video" | "image" | "latent" | None, the media member's extension) of a sample's member extensions."""
     members = list(members)
+    if LATENT_MEMBER in members:
+        return "latent", LATENT_MEMBER
     for ext in members:
         if ext.lower() in VIDEO_EXTS:
             return "video", ext
@@ -65,6 +70,8 @@ def _sample_meta(tar: tarfile.TarFile, infos: dict[str, tarfile.TarInfo]) -> dic
             meta = {}
     if kind == "image":
         meta = {**meta, "frames": 1, "fps": 0.0}
+    if kind == "latent":                         # written by cache-latents: the json is the only source
+        return {k: meta[k] for k in META_KEYS} if all(k in meta for k in META_KEYS) else {}
     if not all(isinstance(meta.get(k), (int, float)) for k in META_KEYS):
         try:
             meta = {**meta, **probe_media(kind, tar.extractfile(infos[ext]).read())}

@@ -91,9 +91,21 @@ class DiTObjective:
         net = DiT(self.cfg.model, self.vae.cfg.latent_channels, self.text.dim)
         return Precond(net, self.cfg.edm.sigma_data)
 
+    def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings: cached in latent shards where present, except for dropped (empty) captions."""
+        if "text" not in batch:
+            return self.text(batch["caption"])
+        text, mask = batch["text"].clone(), batch["text_mask"].clone()
+        dropped = [i for i, c in enumerate(batch["caption"]) if not c]
+        if dropped:
+            null_text, null_mask = self.text([""])
+            text[dropped], mask[dropped] = null_text, null_mask
+        return text, mask
+
     def loss(self, engine, batch, generator):
-        text, text_mask = self.text(batch["caption"])
-        x0 = self.vae.encode(batch["video"])                                # (B, z, T', h, w)
+        text, text_mask = self._text(batch)
+        # Latent shards (vidiff cache-latents) skip the VAE; raw clips are encoded here.
+        x0 = batch["latent"] if "latent" in batch else self.vae.encode(batch["video"])   # (B, z, T', h, w)
         edm = self.cfg.edm
         loss = edm_loss(engine, x0, edm.sigma_data, edm.P_mean, edm.P_std, generator,
                         text=text, text_mask=text_mask)

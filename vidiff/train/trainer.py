@@ -117,7 +117,11 @@ def train(cfg: RunConfig) -> Path:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
     for step in range(start_step + 1, cfg.train.steps + 1):
         batch = next(loader)
-        batch["video"] = to_model_input(batch["video"], engine.device)
+        if "video" in batch:
+            batch["video"] = to_model_input(batch["video"], engine.device)
+        for key in ("latent", "text", "text_mask"):            # from latent shards
+            if key in batch:
+                batch[key] = batch[key].to(engine.device)
         generator.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)    # a restart replays the same noise
         loss, extra = objective.loss(engine, batch, generator)
         if batch["padding"]:                       # every sample of this rank's batch was unusable
