@@ -37,10 +37,10 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
     data_cfg = cfg.data.model_copy(update={"random_start": False, "caption_dropout": 0.0, "num_workers": 0})
     loader = ShardLoader(data_cfg, 0, 1, cfg.seed)
     reader = loader.dataset()
-    entries = [e for planner in loader.planners.values() for e in planner.entries]
-    by_shard: dict[Path, list] = {}
-    for sample_id, bucket in sorted(entries, key=lambda e: e[0]):
-        by_shard.setdefault(loader.samples[sample_id].shard, []).append((sample_id, bucket))
+    by_shard: dict[Path, list] = {}                  # usable samples of both streams, by input shard
+    for planner in loader.planners.values():
+        for shard, entries in planner.by_shard.items():
+            by_shard.setdefault(shard, []).extend(entries)
     written = []
     mine = sorted(by_shard)[rank::world_size]
     for shard in tqdm(mine, desc=f"cache-latents rank {rank}", unit="shard", disable=rank != 0):
@@ -49,7 +49,7 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
             continue
         tmp = target.with_name(f".{target.name}.tmp")
         with wds.TarWriter(str(tmp)) as sink:
-            for sample_id, bucket in by_shard[shard]:
+            for sample_id, bucket in sorted(by_shard[shard], key=lambda e: e[0]):
                 ref = loader.samples[sample_id]
                 try:
                     clip = reader.load(ref, bucket, epoch=0)
@@ -57,7 +57,7 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
                     loader.skipped[exc.reason] += 1
                     continue
                 latent = vae.encode(to_model_input(torch.from_numpy(clip)[None]))[0]      # (z, T', h, w)
-                caption = reader.read(ref, "txt").decode("utf-8", errors="replace").strip()
+                caption = reader.caption(ref)
                 sample = {"__key__": ref.key, "latent.npy": npy_bytes(latent.half().numpy()), "txt": caption,
                           "json": {"frames": bucket.frames, "height": bucket.height, "width": bucket.width,
                                    "fps": ref.meta.get("fps", 0), "source": f"{shard.name}:{ref.key}"}}

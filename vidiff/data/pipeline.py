@@ -123,7 +123,6 @@ class EpochPlanner:
     def __init__(self, entries: list[tuple[int, Bucket]], samples: list[SampleRef], buckets: list[Bucket],
                  seed: int, stream: str):
         self.buckets, self.seed, self.stream_id = buckets, seed, STREAMS.index(stream)
-        self.entries = entries
         self.by_shard: dict[Path, list[tuple[int, Bucket]]] = {}
         for sample_id, bucket in entries:
             self.by_shard.setdefault(samples[sample_id].shard, []).append((sample_id, bucket))
@@ -204,7 +203,7 @@ class _RankBatches(IterableDataset):
             except ClipError as exc:
                 skipped[exc.reason] += 1
                 continue
-            caption = self.read(ref, "txt").decode("utf-8", errors="replace").strip()
+            caption = self.caption(ref)
             drop = unit_hash(self.seed, epoch, ref.shard.name, ref.key, "caption") < self.cfg.caption_dropout
             captions.append("" if drop else caption)
             keys.append(ref.key)
@@ -229,6 +228,9 @@ class _RankBatches(IterableDataset):
         with open(ref.shard, "rb") as f:
             f.seek(offset)
             return f.read(size)
+
+    def caption(self, ref: SampleRef) -> str:
+        return self.read(ref, "txt").decode("utf-8", errors="replace").strip()
 
     def load(self, ref: SampleRef, bucket: Bucket, epoch: int) -> np.ndarray:
         """uint8 (T, H, W, 3) at the bucket's size."""
