@@ -63,3 +63,10 @@ def test_dit_run_needs_a_vae(tmp_path):
 @pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/vae/demo.yaml"])
 def test_shipped_configs_are_valid(name):
     load_config(REPO / name)
+
+
+def test_bad_shard_input_is_one_clear_message(tmp_path):
+    (tmp_path / "list.csv").write_text("file,caption\nx.mp4,hello\n")
+    result = run_vidiff("shards", "--manifest", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "has no 'path'" in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from vidiff.config import ConfigError, RunConfig, load_config
+from vidiff.config import ConfigError, InputError, RunConfig, load_config
 
 EXIT_BAD_CONFIG = 2
 
@@ -183,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except InputError as exc:                       # bad shards, checkpoint or model files: one message
+        print(f"vidiff {args.command}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+class InputError(Exception):
+    """Input a user must fix (shards, checkpoints, model files): the CLI prints the message and exits 2."""
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key, the file and what is valid."""
 

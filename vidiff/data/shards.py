@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 from tqdm import tqdm
 
+from vidiff.config import InputError
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import ClipError, encode_mp4, probe, probe_image
 
@@ -31,7 +32,7 @@ INDEX_NAME = "index.json"
 META_KEYS = ("frames", "fps", "width", "height")
 
 
-class ShardError(ValueError):
+class ShardError(InputError, ValueError):
     """Shard input or output that cannot be used."""
 
 

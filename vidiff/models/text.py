@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidiff.config import TextConfig
+from vidiff.config import InputError, TextConfig
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(InputError, RuntimeError):
     """The configured text encoder cannot be found or loaded."""
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vidiff.config import RunConfig, load_config
+from vidiff.config import InputError, RunConfig, load_config
 from vidiff.models.vae import VideoVAE
 
 STATE_NAME = "vidiff_state.json"
@@ -26,7 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(InputError, FileNotFoundError):
     """No usable checkpoint where one was expected."""
 
 
