@@ -64,7 +64,7 @@ from vidiff.models.vae import VideoVAE
 frames, chunk = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
 vae = VideoVAE(VAEConfig(latent_channels=8, base_channels=32, chunk_frames=chunk)).eval()
-vae.encode(torch.zeros(1, 3, frames, 128, 128))
+vae.encode(torch.zeros(1, 3, frames, 256, 256))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

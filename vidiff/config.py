@@ -85,6 +85,9 @@ class VAEConfig(_Section):
 
     @model_validator(mode="after")
     def _multiples(self) -> "VAEConfig":
+        if (4 * self.base_channels) % self.latent_channels:
+            raise ValueError(f"4 x base_channels ({4 * self.base_channels}) must be a multiple of latent_channels "
+                             f"({self.latent_channels}): the encoder's shortcut averages channel groups into the latent")
         if self.chunk_frames % 4:
             raise ValueError(f"chunk_frames must be a multiple of 4 (the temporal factor), got {self.chunk_frames}")
         for name in ("tile_size", "tile_overlap"):
@@ -131,6 +134,7 @@ class TrainConfig(_Section):
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
+    lr_decay: Literal["constant", "cosine"] = "constant"   # after warmup: hold lr, or cosine to 0 at `steps`
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)     # 0 disables clipping
     log_every: int = Field(1, ge=1)

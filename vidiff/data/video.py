@@ -112,14 +112,17 @@ def _codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def encode_mp4(frames: np.ndarray, fps: int, path: str | Path | None = None) -> bytes:
-    """uint8 (T, H, W, 3) -> H.264 mp4 bytes (mpeg4 where the build lacks libx264); also written to path."""
+def encode_mp4(frames: np.ndarray, fps: int, path: str | Path | None = None, crf: int | None = None) -> bytes:
+    """uint8 (T, H, W, 3) -> H.264 mp4 bytes (mpeg4 where the build lacks libx264); also written to path.
+    crf: H.264 constant rate factor (0 lossless .. 51; libx264's default 23 when None)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     T, H, W, _ = frames.shape
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(_codec(), rate=Fraction(fps))
+        codec = _codec()
+        options = {"crf": str(crf)} if crf is not None and codec == "libx264" else {}
+        stream = container.add_stream(codec, rate=Fraction(fps), options=options)
         stream.width, stream.height = W + W % 2, H + H % 2      # yuv420p needs even sizes
         stream.pix_fmt = "yuv420p"
         for frame in frames:

@@ -81,78 +81,114 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def time_down(x: torch.Tensor, first: bool = True) -> torch.Tensor:
-    """(B, C, 1 + 2m, H, W) -> (B, C, 1 + m, H, W): frame 0 alone, then the mean of each later pair.
-    A later chunk (first=False) has no frame 0: (B, C, 2m, H, W) -> (B, C, m, H, W)."""
-    head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
-    rest = rearrange(rest, "b c (m two) h w -> b c m two h w", two=2).mean(3)
-    return torch.cat([head, rest], dim=2)
+def to_channels(x: torch.Tensor, temporal: bool, first: bool = True) -> torch.Tensor:
+    """Space(-time)-to-channel: (B, C, T, H, W) -> (B, 4C, T, H/2, W/2), or with temporal=True
+    (B, C, 1 + 2m, H, W) -> (B, 8C, 1 + m, H/2, W/2), frame 0 paired with itself (the first frame is encoded on
+    its own). A later chunk (first=False) has no frame 0: (B, C, 2m, ...) -> (B, 8C, m, ...). Channels are
+    ordered (c, pt, ph, pw), so consecutive channels come from one input channel."""
+    if temporal and first:
+        x = torch.cat([x[:, :, :1], x], dim=2)
+    pt = 2 if temporal else 1
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=pt, ph=2, pw=2)
 
 
-def time_up(x: torch.Tensor, first: bool = True) -> torch.Tensor:
-    """(B, C, 1 + m, H, W) -> (B, C, 1 + 2m, H, W): frame 0 alone, each later frame twice."""
-    head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
-    return torch.cat([head, rest.repeat_interleave(2, dim=2)], dim=2)
+def from_channels(x: torch.Tensor, temporal: bool, first: bool = True) -> torch.Tensor:
+    """Inverse of to_channels; with temporal=True and first, frame 0's duplicate is dropped."""
+    pt = 2 if temporal else 1
+    x = rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=pt, ph=2, pw=2)
+    return x[:, :, 1:] if temporal and first else x
+
+
+def group_mean(x: torch.Tensor, c_out: int) -> torch.Tensor:
+    """(B, C, ...) -> (B, c_out, ...): the mean of each run of C / c_out consecutive channels."""
+    return x.unflatten(1, (c_out, -1)).mean(2)
 
 
 class Down(nn.Module):
-    def __init__(self, c: int, temporal: bool):
+    """Halve H and W (and T when temporal) into c_out channels: a convolution of the space-to-channel
+    rearrangement plus a parameter-free shortcut that averages its channel groups (DC-AE, Chen et al. 2024), so
+    the encoder starts near an average-pooling path and learns the residual."""
+
+    def __init__(self, c_in: int, c_out: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
-        self.conv = nn.Conv3d(c, c, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.conv = CausalConv3d(c_in * (8 if temporal else 4), c_out)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        return self.conv(time_down(x, first) if self.temporal else x)
+        s = to_channels(x, self.temporal, first)
+        return self.conv(s, cache) + group_mean(s, self.conv.conv.out_channels)
 
 
 class Up(nn.Module):
-    def __init__(self, c: int, temporal: bool):
+    """Double H and W (and T when temporal) into c_out channels: a convolution to c_out x (4 or 8) channels
+    rearranged channel-to-space, plus a shortcut that repeats channels the same way (DC-AE)."""
+
+    def __init__(self, c_in: int, c_out: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
-        self.conv = CausalConv3d(c, c)
+        self.conv = CausalConv3d(c_in, c_out * (8 if temporal else 4))
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        x = time_up(x, first) if self.temporal else x
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        return self.conv(x, cache)
+        c = self.conv.conv.out_channels
+        return from_channels(self.conv(x, cache) + x.repeat_interleave(c // x.shape[1], dim=1), self.temporal, first)
+
+
+PATCH_CHANNELS = 3 * TEMPORAL_FACTOR * SPATIAL_FACTOR ** 2      # one 4x8x8 RGB block as channels: 768
 
 
 class Encoder(nn.Module):
+    """(B, 3, T, H, W) -> (B, 2z, T', H/8, W/8): a linear map of each 4x8x8 block (frame 0: an 8x8 block of the
+    first frame alone) plus a causal convolutional residual, zero at initialization. The linear path alone is a
+    learned PCA of blocks and trains in a few hundred steps; the residual adds what a linear code cannot hold.
+    The residual works from the 2x2 space-to-channel input at H/2 (cheap on full frames): channels c, 2c, 4c at
+    H/2, H/4, H/8."""
+
     def __init__(self, c: int, z: int):
         super().__init__()
-        self.conv_in = CausalConv3d(3, c)
+        self.patch = nn.Conv3d(PATCH_CHANNELS, 2 * z, 1)
+        self.conv_in = CausalConv3d(12, c)
         self.blocks = nn.ModuleList([
-            ResBlock(c, c), Down(c, temporal=True),
-            ResBlock(c, 2 * c), Down(2 * c, temporal=True),
-            ResBlock(2 * c, 4 * c), Down(4 * c, temporal=False),
-            ResBlock(4 * c, 4 * c),
+            ResBlock(c, c), Down(c, 2 * c, temporal=True),
+            ResBlock(2 * c, 2 * c), Down(2 * c, 4 * c, temporal=True),
+            ResBlock(4 * c, 4 * c), ResBlock(4 * c, 4 * c),
         ])
         self.norm_out, self.conv_out = ChannelNorm(4 * c), CausalConv3d(4 * c, 2 * z)
+        nn.init.zeros_(self.conv_out.conv.weight)
+        nn.init.zeros_(self.conv_out.conv.bias)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        h = self.conv_in(x, cache)                                          # (B, 3, T, H, W) -> (B, c, ...)
+        x = to_channels(x, temporal=False)                                 # (B, 12, T, H/2, W/2)
+        blocks = to_channels(to_channels(x, True, first), True, first)     # (B, 768, T', H/8, W/8)
+        h = self.conv_in(x, cache)                                          # (B, c, T, H/2, W/2)
         for block in self.blocks:
-            h = block(h, cache, first)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)              # (B, 2z, T', H/8, W/8)
+            h = block(h, cache, first)                                      # -> (B, 4c, T', H/8, W/8)
+        return self.patch(blocks) + self.conv_out(F.silu(self.norm_out(h)), cache)   # (B, 2z, T', H/8, W/8)
 
 
 class Decoder(nn.Module):
+    """(B, z, T', h, w) -> (B, 3, T, 8h, 8w): the linear block map back plus a causal convolutional residual
+    (zero at initialization), mirroring the encoder."""
+
     def __init__(self, c: int, z: int):
         super().__init__()
+        self.patch = nn.Conv3d(z, PATCH_CHANNELS, 1)
         self.conv_in = CausalConv3d(z, 4 * c)
         self.blocks = nn.ModuleList([
-            ResBlock(4 * c, 4 * c),
-            Up(4 * c, temporal=False), ResBlock(4 * c, 2 * c),
-            Up(2 * c, temporal=True), ResBlock(2 * c, c),
-            Up(c, temporal=True), ResBlock(c, c),
+            ResBlock(4 * c, 4 * c), ResBlock(4 * c, 4 * c),
+            Up(4 * c, 2 * c, temporal=True), ResBlock(2 * c, 2 * c),
+            Up(2 * c, c, temporal=True), ResBlock(c, c),
         ])
-        self.norm_out, self.conv_out = ChannelNorm(c), CausalConv3d(c, 3)
+        self.norm_out, self.conv_out = ChannelNorm(c), CausalConv3d(c, 12)
+        nn.init.zeros_(self.conv_out.conv.weight)
+        nn.init.zeros_(self.conv_out.conv.bias)
 
     def forward(self, z: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        h = self.conv_in(z, cache)                                          # (B, z, T', h, w)
+        linear = from_channels(from_channels(self.patch(z), True, first), True, first)   # (B, 12, T, 4h, 4w)
+        h = self.conv_in(z, cache)                                          # (B, 4c, T', h, w)
         for block in self.blocks:
-            h = block(h, cache, first)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)              # (B, 3, T, 8h, 8w)
+            h = block(h, cache, first)                                      # -> (B, c, T, 4h, 4w)
+        residual = self.conv_out(F.silu(self.norm_out(h)), cache)           # (B, 12, T, 4h, 4w)
+        return from_channels(linear + residual, temporal=False)            # (B, 3, T, 8h, 8w)
 
 
 def chunk_bounds(frames: int, chunk: int) -> list[tuple[int, int]]:

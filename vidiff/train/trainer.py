@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import warnings
 from collections import Counter
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vidiff.config import RunConfig, save_config
+from vidiff.config import RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.train import checkpoint
@@ -24,6 +26,16 @@ from vidiff.train.objectives import build_objective
 
 # torch deprecates the collectives DeepSpeed calls; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then constant or cosine to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_decay == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def init_distributed() -> tuple[int, int]:
@@ -94,8 +106,7 @@ def train(cfg: RunConfig) -> Path:
     model = objective.build_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   betas=(0.9, 0.99), weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer,
                                                           lr_scheduler=schedule, config=ds_config)
 
