@@ -5,7 +5,7 @@
 Frames are scaled to a short side of 256 pixels, the scale tools/bench_vae.py measures at, and cut into 32x32
 tiles: the recipe trains on small crops (cheap on a CPU) whose detail matches the benchmark's full frames.
 Writes OUT/train (bigbuckbunny and carphone_pristine tiles as clips, every 16th frame's tiles as PNG images, and
-synthetic moving shapes) and OUT/heldout (tiles of bikes.mp4, never used for training).
+synthetic moving shapes) and OUT/heldout (16 tiles of bikes.mp4's central square, never used for training).
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ def tiles(frames: np.ndarray, step: int) -> list[tuple[int, int, np.ndarray]]:
             for x in range(0, W - TILE + 1, step)]
 
 
-def clip_tiles(name: str, prefix: str, step: int, repeats: int) -> list[dict]:
-    """Each tile of a clip as a clip sample, repeated (the loader takes a different random window each time)."""
+def clip_tiles(name: str, prefix: str, step: int, repeats: int, center: bool = False) -> list[dict]:
+    """Each tile of a clip as a clip sample, repeated (the loader takes a different random window each time);
+    center: tiles of the central SCALE x SCALE square only (the region tools/bench_vae.py measures)."""
     frames, fps = scaled_frames(name)
+    if center:
+        left = (frames.shape[2] - SCALE) // 2
+        frames = frames[:, :, left:left + SCALE]
     samples = []
     for y, x, tile in tiles(frames, step):
         mp4 = encode_mp4(np.ascontiguousarray(tile), round(fps), crf=12)
@@ -82,7 +86,7 @@ def main() -> None:
                     ({**s, "__key__": f"syn{s['__key__']}"} for s in
                      synthetic_samples(args.synthetic, TILE, TILE, 17, fps=8, seed=1)))
     print(write_shards(samples, out / "train", max_count=64))
-    print(write_shards(clip_tiles("bikes.mp4", "h", 3 * TILE, 1), out / "heldout"))
+    print(write_shards(clip_tiles("bikes.mp4", "h", 2 * TILE, 1, center=True), out / "heldout"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""vidiff train | sample | shards. A bad config exits with status 2 before any process group starts."""
+"""vidiff train | check | sample | cache-latents | shards | presets. A bad config exits with status 2 before any
+process group starts."""
 
 from __future__ import annotations
 
@@ -134,6 +135,17 @@ def cmd_shards(args: argparse.Namespace) -> None:
     print(f"wrote shards and {index}")
 
 
+def cmd_presets(args: argparse.Namespace) -> None:
+    from vidiff.config import PRESETS
+    from vidiff.models.dit import describe_presets
+
+    counts = describe_presets(args.latent_channels, args.text_dim)
+    print(f"DiT size presets (model.preset), {args.latent_channels} latent channels, text width {args.text_dim}:")
+    print(f"{'preset':<8}{'hidden':>8}{'depth':>7}{'heads':>7}{'parameters':>14}")
+    for name, (hidden, depth, heads) in PRESETS.items():
+        print(f"{name:<8}{hidden:>8}{depth:>7}{heads:>7}{counts[name] / 1e6:>13.1f}M")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidiff", description=__doc__)
     # The deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment as well).
@@ -178,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, default=100_000, help="samples per shard at most")
     p.add_argument("--max-mb", type=float, default=1024, help="shard size limit in MiB")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("presets", help="print the DiT size presets and their parameter counts")
+    p.add_argument("--latent-channels", type=int, default=16, help="the VAE's latent channels")
+    p.add_argument("--text-dim", type=int, default=384, help="the text encoder's width (MiniLM-L6: 384)")
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

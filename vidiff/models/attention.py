@@ -1,16 +1,51 @@
-"""Attention for the spacetime DiT: one multi-head module used as spatial, temporal or cross attention.
+"""Attention for the spacetime DiT: one multi-head module used as spatial, temporal, full or cross attention,
+and the 3D rotary position embedding (RoPE, Su et al. 2021) that all self-attention shares.
 
 Projection names (q, k, v, out) are what tensor parallelism matches: q/k/v split by columns, out by rows.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+# (cos, sin) of the rotation angles, each (..., N, head_dim / 2) broadcastable over (B, heads, N, d/2).
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary dimensions given to (t, h, w): about 1/4 to time and 3/8 to each spatial axis, all even
+    (64 -> 16, 24, 24; 72 -> 20, 26, 26)."""
+    if head_dim % 2:
+        raise ValueError(f"3D RoPE needs an even head dimension, got {head_dim}")
+    d_hw = 2 * (head_dim * 3 // 16)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """(N,) integer positions -> (N, dim / 2) angles position * theta^(-2i/dim)."""
+    freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return (positions.double()[:, None] * freqs[None]).float()
+
+
+def rope_3d(T: int, H: int, W: int, head_dim: int, device: torch.device | None = None) -> Rope:
+    """cos, sin of the angles of every (t, h, w) token of a T x H x W grid, each (T, H * W, head_dim / 2):
+    computed per call for any grid, so new frame counts and resolutions need no new tables."""
+    d_t, d_h, d_w = rope_axes(head_dim)
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    angles = torch.cat([rope_angles(t.flatten(), d_t), rope_angles(h.flatten(), d_h),
+                        rope_angles(w.flatten(), d_w)], dim=1).reshape(T, H * W, head_dim // 2)
+    angles = angles.to(device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, heads, N, d) by the angles (.., N, d/2)."""
+    cos, sin = (r.to(x.dtype) for r in rope)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                          # each (B, heads, N, d/2)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -27,33 +62,17 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D); context (B, L, Dc) for cross attention; mask (B, L) True where context is valid."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
+        """x (B, N, D); context (B, L, Dc) for cross attention; mask (B, L) True where context is valid;
+        rope (cos, sin) of x's token positions for self-attention, each (B or 1, 1, N, d/2)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k = rearrange(self.k(context), "b l (h d) -> b h l d", h=self.heads)
         v = rearrange(self.v(context), "b l (h d) -> b h l d", h=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         attn_mask = None if mask is None else mask[:, None, None, :]        # (B, 1, 1, L)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)   # (B, h, N, d)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
-
-
-def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """(N,) positions -> (N, dim) sin/cos features at geometric frequencies (Vaswani et al. 2017)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / max(half, 1))
-    angles = positions.float()[:, None] * freqs[None]                      # (N, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def sincos_3d(T: int, H: int, W: int, dim: int) -> torch.Tensor:
-    """Fixed (T, H*W, dim) position features, dim split over (t, h, w); any size, no tables to resize."""
-    d_h = d_w = 2 * (dim // 6)
-    d_t = dim - d_h - d_w
-    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
-    feats = torch.cat([sincos_1d(t.flatten(), d_t), sincos_1d(h.flatten(), d_h), sincos_1d(w.flatten(), d_w)], 1)
-    if feats.shape[1] < dim:                                               # odd d_t leaves one column
-        feats = F.pad(feats, (0, dim - feats.shape[1]))
-    return feats.reshape(T, H * W, dim)

@@ -1,7 +1,10 @@
 """Latent spacetime DiT (Peebles & Xie 2023) with factorized attention: spatial within a frame, temporal
-across frames at each location, cross attention to text tokens; adaLN-Zero conditioning on the noise level.
+across frames at each location, cross attention to text tokens; adaLN-Zero conditioning on the noise level
+and pooled text; 3D RoPE on every self-attention. attention='full' lets both self-attention layers of each
+block see all T x H x W tokens instead, with the same parameters (the comparison tools/bench_attention.py makes).
 
 The raw network F(x_in, c_noise, text, text_mask) of EDM: it never sees sigma itself (see diffusion/edm.py).
+A caption with no valid token (dropped, or empty for guidance) is replaced by the learned null embedding.
 """
 
 from __future__ import annotations
@@ -10,14 +13,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from vidiff.config import DiTConfig
-from vidiff.models.attention import Attention, sincos_3d
-
-# Size presets (DiT paper, Table 1): name -> (hidden_size, depth, num_heads).
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
-}
+from vidiff.config import PRESETS, DiTConfig
+from vidiff.models.attention import Attention, Rope, rope_3d
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -46,11 +45,34 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init."""
+# Token sequences of each attention, as (to, from) rearrangements of x (B, T, N, D).
+SPATIAL = ("b t n d -> (b t) n d", "(b t) n d -> b t n d")        # within a frame
+TEMPORAL = ("b t n d -> (b n) t d", "(b n) t d -> b t n d")       # across frames at one location
+FULL = ("b t n d -> b (t n) d", "b (t n) d -> b t n d")           # all tokens (and cross attention's queries)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+
+def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int, device) -> tuple[Rope, Rope]:
+    """RoPE (cos, sin) laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2)
+    and (B*N or 1, 1, T or T*N, d/2). Each token keeps its true (t, h, w) coordinates in every layout."""
+    cos, sin = rope_3d(T, H, W, head_dim, device)                           # each (T, N, d/2)
+    if full:
+        flat = (cos.flatten(0, 1)[None, None], sin.flatten(0, 1)[None, None])
+        return flat, flat
+
+    def layout(r: torch.Tensor, pattern: str) -> torch.Tensor:
+        return rearrange(r[None].expand(batch, -1, -1, -1), pattern)[:, None]
+
+    return ((layout(cos, "b t n d -> (b t) n d"), layout(sin, "b t n d -> (b t) n d")),
+            (layout(cos, "b t n d -> (b n) t d"), layout(sin, "b t n d -> (b n) t d")))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init.
+    With full=True the two self-attention layers each attend over all T x N tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, full: bool = False):
         super().__init__()
+        self.full = full
         self.norm_s = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_s = Attention(dim, heads)
         self.norm_t = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -61,19 +83,21 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                rope_s: Rope, rope_t: Rope) -> torch.Tensor:
         B, T, N, D = x.shape                                                # (B, T, N, D)
         (shift_s, scale_s, gate_s, shift_t, scale_t, gate_t,
          shift_m, scale_m, gate_m) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)   # each (B, 1, 1, D)
+        (to_s, from_s), (to_t, from_t) = (FULL, FULL) if self.full else (SPATIAL, TEMPORAL)
 
-        h = rearrange(modulate(self.norm_s(x), shift_s, scale_s), "b t n d -> (b t) n d")
-        x = x + gate_s * rearrange(self.attn_s(h), "(b t) n d -> b t n d", b=B)
+        h = rearrange(modulate(self.norm_s(x), shift_s, scale_s), to_s)
+        x = x + gate_s * rearrange(self.attn_s(h, rope=rope_s), from_s, b=B, t=T)
 
-        h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), "b t n d -> (b n) t d")
-        x = x + gate_t * rearrange(self.attn_t(h), "(b n) t d -> b t n d", b=B)
+        h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), to_t)
+        x = x + gate_t * rearrange(self.attn_t(h, rope=rope_t), from_t, b=B, t=T)
 
-        h = rearrange(self.norm_x(x), "b t n d -> b (t n) d")
-        x = x + rearrange(self.cross(h, text, text_mask), "b (t n) d -> b t n d", t=T)
+        h = rearrange(self.norm_x(x), FULL[0])
+        x = x + rearrange(self.cross(h, text, text_mask), FULL[1], b=B, t=T)
 
         return x + gate_m * self.mlp(modulate(self.norm_m(x), shift_m, scale_m))
 
@@ -91,19 +115,23 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W)."""
+    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W).
+    activation_checkpointing recomputes each block in backward instead of keeping its activations."""
 
-    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, activation_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
         self.in_channels = in_channels
+        self.activation_checkpointing = activation_checkpointing
         D, (pt, ph, pw) = cfg.hidden_size, cfg.patch_size
         patch_dim = in_channels * pt * ph * pw
         self.x_embed = nn.Linear(patch_dim, D)
         self.noise_embed = NoiseEmbedding(D)
+        self.null_text = nn.Parameter(torch.empty(1, 1, text_dim))          # stands in for a dropped caption
         self.text_proj = nn.Linear(text_dim, D)
         self.text_pool = nn.Linear(text_dim, D)
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        full = cfg.attention == "full"
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, patch_dim)
         self.reset_parameters()
 
@@ -112,6 +140,7 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.null_text, std=0.02)
         for block in self.blocks:           # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
@@ -122,6 +151,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
+    def with_null_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepend the learned null token, valid only in rows without any valid token (dropped captions):
+        (B, L, Dt), (B, L) -> (B, 1 + L, Dt), (B, 1 + L)."""
+        dropped = ~text_mask.any(dim=1, keepdim=True)                      # (B, 1)
+        null = self.null_text.to(text.dtype).expand(text.shape[0], -1, -1)
+        return torch.cat([null, text], dim=1), torch.cat([dropped, text_mask], dim=1)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
@@ -130,15 +166,21 @@ class DiT(nn.Module):
             raise ValueError(f"latent (T, H, W) = {(T, H, W)} is not divisible by patch_size {(pt, ph, pw)}")
         Tp, Hp, Wp = T // pt, H // ph, W // pw
         x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
-        x = self.x_embed(x) + sincos_3d(Tp, Hp, Wp, self.cfg.hidden_size).to(x)        # (B, T', N, D)
+        x = self.x_embed(x)                                                 # (B, T', N, D)
+        rope_s, rope_t = rope_sequences(Tp, Hp, Wp, self.cfg.hidden_size // self.cfg.num_heads,
+                                        self.cfg.attention == "full", B, x.device)
 
+        text, text_mask = self.with_null_text(text, text_mask)
         mask = text_mask.to(text.dtype)[..., None]                          # (B, L, 1)
-        pooled = (text * mask).sum(1) / mask.sum(1).clamp(min=1)            # (B, Dt)
+        pooled = (text * mask).sum(1) / mask.sum(1)                         # (B, Dt)
         c = self.noise_embed(c_noise) + self.text_pool(pooled)              # (B, D)
         context = self.text_proj(text)                                      # (B, L, D)
 
         for block in self.blocks:
-            x = block(x, c, context, text_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, context, text_mask, rope_s, rope_t, use_reentrant=False)
+            else:
+                x = block(x, c, context, text_mask, rope_s, rope_t)
         x = self.final(x, c)                                                # (B, T', N, patch_dim)
         return rearrange(x, "b t (h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
@@ -151,9 +193,9 @@ def count_parameters(module: nn.Module) -> int:
 def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, int]:
     """Parameter count of each size preset with the given latent channels and text width."""
     counts = {}
-    for name, (D, depth, heads) in PRESETS.items():
+    for name in PRESETS:
         with torch.device("meta"):
-            model = DiT(DiTConfig(hidden_size=D, depth=depth, num_heads=heads), in_channels, text_dim)
+            model = DiT(DiTConfig(preset=name), in_channels, text_dim)
         counts[name] = count_parameters(model)
     return counts
 

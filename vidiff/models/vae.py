@@ -5,6 +5,12 @@ frame t depends on video frames <= 4t only, and the first frame is encoded on it
 video). Because of that, a long clip can be encoded in chunks that carry each convolution's last frames
 (the same latents as whole, memory flat in length), and large frames in blended spatial tiles.
 The latent's scale/shift statistics live here and only here (`encode` / `decode`).
+
+Architecture: the latent is a learned linear map of each 4x8x8 block plus a convolutional residual that starts
+at zero (and the decoder mirrors it). The linear path alone is a learned PCA of blocks and reaches ~25 dB on
+held-out video in a few hundred steps; a purely convolutional VAE of the same cost sat at ~16 dB after as
+many. The residual works from a 2x2 space-to-channel input and downsamples by space(-time)-to-channel with
+DC-AE's averaging shortcuts (Chen et al. 2024).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ class Monitor:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
-        self.bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.4f}", refresh=False)
+        if "train/loss" in scalars:                 # evaluation logs its own scalars at the same step
+            self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
 
     def video(self, step: int, tag: str, frames: np.ndarray, fps: int = 8) -> None:
         """An animated GIF preview, uint8 (T, H, W, 3), as a TensorBoard image (its add_video needs moviepy 1)."""

@@ -88,18 +88,18 @@ class DiTObjective:
         self.vae = load_vae(cfg.vae.checkpoint)
 
     def build_model(self) -> nn.Module:
-        net = DiT(self.cfg.model, self.vae.cfg.latent_channels, self.text.dim)
+        net = DiT(self.cfg.model, self.vae.cfg.latent_channels, self.text.dim,
+                  activation_checkpointing=self.cfg.parallel.activation_checkpointing)
         return Precond(net, self.cfg.edm.sigma_data)
 
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings: cached in latent shards where present, except for dropped (empty) captions."""
+        """Token embeddings: cached in latent shards where present; a dropped (empty) caption has no valid
+        token, so the DiT's learned null embedding stands in for it."""
         if "text" not in batch:
             return self.text(batch["caption"])
         text, mask = batch["text"].clone(), batch["text_mask"].clone()
-        dropped = [i for i, c in enumerate(batch["caption"]) if not c]
-        if dropped:
-            null_text, null_mask = self.text([""])
-            text[dropped], mask[dropped] = null_text, null_mask
+        dropped = torch.tensor([not c for c in batch["caption"]])
+        text[dropped], mask[dropped] = 0.0, False
         return text, mask
 
     def loss(self, engine, batch, generator):

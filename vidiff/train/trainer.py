@@ -104,6 +104,9 @@ def train(cfg: RunConfig) -> Path:
     ds_config = deepspeed_config(cfg)
     # Built whole on every rank, then sharded by deepspeed.initialize (ZeRO-3 partitions it there).
     model = objective.build_model()
+    if rank == 0:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{cfg.task} model: {trainable / 1e6:.1f}M trainable parameters")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   betas=(0.9, 0.99), weight_decay=cfg.train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))

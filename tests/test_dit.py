@@ -1,0 +1,193 @@
+"""The spacetime DiT: shapes, adaLN-Zero identity, what each attention may mix, 3D RoPE, the null caption,
+activation checkpointing, presets."""
+
+import pytest
+import torch
+
+from conftest import REPO, run_vidiff
+from vidiff.config import PRESETS, ConfigError, DiTConfig, load_config
+from vidiff.diffusion.edm import Precond
+from vidiff.models.attention import apply_rope, rope_3d
+from vidiff.models.dit import DiT, describe_presets
+
+D, HEADS = 32, 4
+
+
+def _dit(**kw) -> DiT:
+    torch.manual_seed(0)
+    return DiT(DiTConfig(hidden_size=D, depth=2, num_heads=HEADS, **kw), in_channels=4, text_dim=12)
+
+
+def _text(b: int = 2, L: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[:, 3:] = False
+    return torch.randn(b, L, 12, generator=torch.Generator().manual_seed(b)), mask
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+@pytest.mark.parametrize("shape, patch", [((3, 8, 8), (1, 2, 2)), ((1, 4, 6), (1, 2, 2)), ((5, 6, 4), (1, 2, 2)),
+                                          ((4, 4, 4), (2, 1, 1)), ((2, 8, 4), (2, 4, 2))])
+def test_output_shape_for_any_frames_resolution_and_patch(shape, patch, attention):
+    net = _dit(patch_size=patch, attention=attention)
+    x = torch.randn(2, 4, *shape)
+    assert net(x, torch.zeros(2), *_text()).shape == x.shape
+
+
+def test_full_attention_has_the_same_parameters():
+    factorized, full = _dit(), _dit(attention="full")
+    assert [(n, p.shape) for n, p in factorized.named_parameters()] == \
+           [(n, p.shape) for n, p in full.named_parameters()]
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_blocks_are_identity_at_init_and_denoiser_is_c_skip_x(attention):
+    net = _dit(attention=attention)
+    B, T, N = 2, 3, 16
+    h, c = torch.randn(B, T, N, D), torch.randn(B, D)
+    context, mask = net.with_null_text(*_text())
+    ropes = _ropes(net, T, 4, 4, B)
+    for block in net.blocks:
+        torch.testing.assert_close(block(h, c, net.text_proj(context), mask, *ropes), h)
+    x, sigma = torch.randn(2, 4, 3, 8, 8), torch.tensor([0.3, 5.0])
+    denoised = Precond(net, 0.5)(x, sigma, text=_text()[0], text_mask=_text()[1])
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    torch.testing.assert_close(denoised, c_skip.reshape(2, 1, 1, 1, 1) * x)
+
+
+def _ropes(net: DiT, T: int, H: int, W: int, B: int):
+    from vidiff.models.dit import rope_sequences
+    return rope_sequences(T, H, W, D // HEADS, net.cfg.attention == "full", B, None)
+
+
+def _only_gate_open(net: DiT, gate: int) -> torch.nn.Module:
+    """The first block with every residual branch closed except one self-attention (gate 2: spatial,
+    5: temporal): its output is x + that attention layer's output, as laid out in the block."""
+    block = net.blocks[0]
+    torch.nn.init.normal_(block.attn_s.out.weight)
+    torch.nn.init.normal_(block.attn_t.out.weight)
+    with torch.no_grad():
+        block.adaLN[-1].bias[gate * D:(gate + 1) * D] = 1.0
+    return block
+
+
+def _perturbed_outputs(attention: str, gate: int, where: tuple):
+    net = _dit(attention=attention)
+    block = _only_gate_open(net, gate)
+    B, T, H, W = 2, 4, 3, 3
+    x = torch.randn(B, T, H * W, D)
+    y = x.clone()
+    y[where] += torch.randn_like(y[where])                              # not a constant: LayerNorm removes those
+    context, mask = net.with_null_text(*_text())
+    args = (torch.randn(B, D), net.text_proj(context), mask, *_ropes(net, T, H, W, B))
+    with torch.no_grad():
+        return block(x, *args), block(y, *args)
+
+
+def test_spatial_attention_never_mixes_frames():
+    a, b = _perturbed_outputs("factorized", gate=2, where=(slice(None), 1))          # perturb frame 1
+    changed = (a - b).abs().amax(dim=(0, 2, 3))                                       # per frame
+    assert changed[1] > 0.1 and torch.all(changed[[0, 2, 3]] == 0)
+    a, b = _perturbed_outputs("full", gate=2, where=(slice(None), 1))                 # full attention does mix
+    assert (a - b).abs().amax(dim=(0, 2, 3))[[0, 2, 3]].min() > 1e-4
+
+
+def test_temporal_attention_never_mixes_locations():
+    a, b = _perturbed_outputs("factorized", gate=5, where=(slice(None), slice(None), 4))   # perturb location 4
+    changed = (a - b).abs().amax(dim=(0, 1, 3))                                           # per location
+    assert changed[4] > 0.1 and torch.all(changed[torch.arange(9) != 4] == 0)
+    a, b = _perturbed_outputs("factorized", gate=5, where=(slice(None), 1))               # but mixes frames
+    assert (a - b).abs().amax(dim=(0, 2, 3))[[2, 3]].min() > 1e-4
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    T, H, W, d = 5, 6, 9, 16
+    cos, sin = rope_3d(T, H, W, d)                                                  # each (T, H*W, d/2)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    rope = (cos.reshape(1, 1, -1, d // 2), sin.reshape(1, 1, -1, d // 2))
+    rq = apply_rope(q.expand(1, 1, T * H * W, d), rope)[0, 0].reshape(T, H, W, d)
+    rk = apply_rope(k.expand(1, 1, T * H * W, d), rope)[0, 0].reshape(T, H, W, d)
+
+    def score(p, offset):
+        return torch.dot(rq[p], rk[tuple(a + o for a, o in zip(p, offset))])
+
+    for offset in [(1, 2, 3), (0, -1, 2), (2, 0, 0), (0, 0, -4)]:
+        starts = [(0, 1, 4), (1, 2, 5), (2, 3, 4)]
+        scores = torch.stack([score(p, offset) for p in starts])
+        torch.testing.assert_close(scores, scores[:1].expand(3), atol=1e-5, rtol=1e-5)
+    assert abs(score((0, 1, 4), (1, 2, 3)) - score((0, 1, 4), (1, 2, 2))) > 1e-3    # the offset itself matters
+    for axis in range(3):                                                           # each axis is encoded
+        offset = [0, 0, 0]
+        offset[axis] = 1
+        assert abs(score((0, 1, 1), tuple(offset)) - score((0, 1, 1), (0, 0, 0))) > 1e-3
+
+
+def test_an_image_is_a_one_frame_video():
+    net = _dit()
+    image = torch.randn(3, 4, 1, 8, 8)
+    out = net(image, torch.zeros(3), *_text(3))
+    assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+def test_every_parameter_receives_a_gradient():
+    """After the first step every parameter has a gradient (none is left out of the graph); the zero-initialized
+    adaLN-Zero gates open from the output inwards, so after three steps every gradient is non-zero, the null
+    embedding's included (one caption is dropped)."""
+    net = _dit()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x = torch.randn(2, 4, 3, 8, 8)
+    text, mask = _text()
+    mask[1] = False                                                      # a dropped caption
+    for step in range(3):
+        optimizer.zero_grad()
+        (net(x, torch.full((2,), 0.5), text, mask) - x).pow(2).mean().backward()
+        if step == 0:
+            assert not [n for n, p in net.named_parameters() if p.grad is None]
+        optimizer.step()
+    assert not [n for n, p in net.named_parameters() if p.grad.abs().sum() == 0]
+
+
+def _trained(net: DiT) -> DiT:
+    with torch.no_grad():                                                # open every gate and branch
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+def test_dropped_captions_use_the_null_embedding():
+    net = _trained(_dit())
+    x = torch.randn(2, 4, 3, 8, 8)
+    text, mask = _text()
+    dropped = torch.zeros_like(mask)
+    with torch.no_grad():
+        a = net(x, torch.zeros(2), text, dropped)
+        b = net(x, torch.zeros(2), torch.randn_like(text), dropped)     # token content is ignored
+        conditioned = net(x, torch.zeros(2), text, mask)
+        net.null_text.add_(1.0)
+        c = net(x, torch.zeros(2), text, dropped)                       # the null embedding is what is used
+    torch.testing.assert_close(a, b)
+    assert (a - conditioned).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, text = torch.randn(2, 4, 3, 8, 8), _text()
+    grads = []
+    for checkpointing in (False, True):
+        net = _trained(_dit())
+        net.activation_checkpointing = checkpointing
+        (net(x, torch.zeros(2), *text) - x).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_presets_follow_the_dit_paper_and_conflicts_fail(tmp_path):
+    assert DiTConfig(preset="XL").model_dump(include={"hidden_size", "depth", "num_heads"}) == \
+           {"hidden_size": 1152, "depth": 28, "num_heads": 16}
+    assert PRESETS["S"] == (384, 12, 6) and PRESETS["B"] == (768, 12, 12) and PRESETS["L"] == (1024, 24, 16)
+    with pytest.raises(ConfigError, match="preset XL sets hidden_size 1152"):
+        load_config(REPO / "configs/demo.yaml", ["model.preset=XL", "model.hidden_size=384"])
+    counts = describe_presets(16, 384)
+    assert counts["S"] < counts["B"] < counts["L"] < counts["XL"]
+    out = run_vidiff("presets")
+    assert out.returncode == 0, out.stderr
+    assert f"{counts['XL'] / 1e6:.1f}M" in out.stdout and "1152" in out.stdout
