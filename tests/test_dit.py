@@ -101,10 +101,9 @@ def test_temporal_attention_never_mixes_locations():
 
 def test_rope_scores_depend_only_on_relative_position():
     T, H, W, d = 5, 6, 9, 16
-    cos, sin = rope_3d(T, H, W, d)                                                  # each (T, H*W, d/2)
+    rope = rope_3d(T, H, W, d).reshape(1, 1, -1, d // 2)                          # complex rotations
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    rope = (cos.reshape(1, 1, -1, d // 2), sin.reshape(1, 1, -1, d // 2))
     rq = apply_rope(q.expand(1, 1, T * H * W, d), rope)[0, 0].reshape(T, H, W, d)
     rk = apply_rope(k.expand(1, 1, T * H * W, d), rope)[0, 0].reshape(T, H, W, d)
 

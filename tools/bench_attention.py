@@ -4,7 +4,7 @@
 
 Both modes have the same parameters (model.attention: factorized | full); latents of 32x32 with a 2x2 patch
 give 256 tokens per frame, T' latent frames, batch 1, 8 text tokens. Each time is the best of --repeats runs
-after one warm-up at the smallest size. The table goes to stderr; stdout gets one JSON line with the log-log
+after one warm-up run at the same size. The table goes to stderr; stdout gets one JSON line with the log-log
 slope of each mode (time ~ T'^slope, least squares over all T') and the full / factorized ratio at the largest
 T' (targets: factorized slope <= 1.2, ratio >= 4).
 """
@@ -65,8 +65,10 @@ def main() -> None:
     for mode in ("factorized", "full"):
         torch.manual_seed(0)
         net = DiT(DiTConfig(preset=args.preset, attention=mode), LATENT_CHANNELS, TEXT_DIM).to(device)
-        step_seconds(net, min(args.frames), device, dtype, 1)                       # warm-up
-        seconds[mode] = [step_seconds(net, t, device, dtype, args.repeats) for t in args.frames]
+        seconds[mode] = []
+        for t in args.frames:
+            step_seconds(net, t, device, dtype, 1)                  # warm-up: allocator and kernels at this size
+            seconds[mode].append(step_seconds(net, t, device, dtype, args.repeats))
         del net
 
     tokens = (LATENT_SIDE // 2) ** 2

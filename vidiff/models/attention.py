@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# (cos, sin) of the rotation angles, each (..., N, head_dim / 2) broadcastable over (B, heads, N, d/2).
-Rope = tuple[torch.Tensor, torch.Tensor]
+# Unit complex rotations e^(i angle), complex (..., N, head_dim / 2), broadcastable over (B, heads, N, d/2).
+Rope = torch.Tensor
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -31,21 +31,19 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> to
 
 
 def rope_3d(T: int, H: int, W: int, head_dim: int, device: torch.device | None = None) -> Rope:
-    """cos, sin of the angles of every (t, h, w) token of a T x H x W grid, each (T, H * W, head_dim / 2):
+    """Rotations e^(i angle) of every (t, h, w) token of a T x H x W grid, complex (T, H * W, head_dim / 2):
     computed per call for any grid, so new frame counts and resolutions need no new tables."""
     d_t, d_h, d_w = rope_axes(head_dim)
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     angles = torch.cat([rope_angles(t.flatten(), d_t), rope_angles(h.flatten(), d_h),
                         rope_angles(w.flatten(), d_w)], dim=1).reshape(T, H * W, head_dim // 2)
-    angles = angles.to(device)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles).to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate consecutive pairs of x (B, heads, N, d) by the angles (.., N, d/2)."""
-    cos, sin = (r.to(x.dtype) for r in rope)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                          # each (B, heads, N, d/2)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    """Rotate consecutive pairs of x (B, heads, N, d), read as complex numbers, by rope (.., N, d/2)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, heads, N, d/2)
+    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -65,7 +63,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: Rope | None = None) -> torch.Tensor:
         """x (B, N, D); context (B, L, Dc) for cross attention; mask (B, L) True where context is valid;
-        rope (cos, sin) of x's token positions for self-attention, each (B or 1, 1, N, d/2)."""
+        rope: rotations of x's token positions for self-attention, complex (B or 1, 1, N, d/2)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k = rearrange(self.k(context), "b l (h d) -> b h l d", h=self.heads)

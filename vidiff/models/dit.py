@@ -52,18 +52,15 @@ FULL = ("b t n d -> b (t n) d", "b (t n) d -> b t n d")           # all tokens (
 
 
 def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int, device) -> tuple[Rope, Rope]:
-    """RoPE (cos, sin) laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2)
+    """RoPE rotations laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2)
     and (B*N or 1, 1, T or T*N, d/2). Each token keeps its true (t, h, w) coordinates in every layout."""
-    cos, sin = rope_3d(T, H, W, head_dim, device)                           # each (T, N, d/2)
+    rope = rope_3d(T, H, W, head_dim, device)                               # (T, N, d/2) complex
     if full:
-        flat = (cos.flatten(0, 1)[None, None], sin.flatten(0, 1)[None, None])
+        flat = rope.flatten(0, 1)[None, None]
         return flat, flat
-
-    def layout(r: torch.Tensor, pattern: str) -> torch.Tensor:
-        return rearrange(r[None].expand(batch, -1, -1, -1), pattern)[:, None]
-
-    return ((layout(cos, "b t n d -> (b t) n d"), layout(sin, "b t n d -> (b t) n d")),
-            (layout(cos, "b t n d -> (b n) t d"), layout(sin, "b t n d -> (b n) t d")))
+    per_batch = rope[None].expand(batch, -1, -1, -1)
+    return (rearrange(per_batch, "b t n d -> (b t) n d")[:, None],
+            rearrange(per_batch, "b t n d -> (b n) t d")[:, None])
 
 
 class DiTBlock(nn.Module):
