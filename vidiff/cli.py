@@ -146,6 +146,13 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(f"{name:<8}{hidden:>8}{depth:>7}{heads:>7}{counts[name] / 1e6:>13.1f}M")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidiff", description=__doc__)
     # The deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment as well).
@@ -192,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("presets", help="print the DiT size presets and their parameter counts")
-    p.add_argument("--latent-channels", type=int, default=16, help="the VAE's latent channels")
-    p.add_argument("--text-dim", type=int, default=384, help="the text encoder's width (MiniLM-L6: 384)")
+    p.add_argument("--latent-channels", type=positive_int, default=16, help="the VAE's latent channels")
+    p.add_argument("--text-dim", type=positive_int, default=384, help="the text encoder's width (MiniLM-L6: 384)")
     p.set_defaults(func=cmd_presets)
     return parser
 

@@ -110,6 +110,11 @@ def group_mean(x: torch.Tensor, c_out: int) -> torch.Tensor:
     return x.unflatten(1, (c_out, -1)).mean(2)
 
 
+def repeat_channels(x: torch.Tensor, c_out: int) -> torch.Tensor:
+    """(B, C, ...) -> (B, c_out, ...): each channel repeated c_out / C times in a run (group_mean's inverse)."""
+    return x.repeat_interleave(c_out // x.shape[1], dim=1)
+
+
 class Down(nn.Module):
     """Halve H and W (and T when temporal) into c_out channels: a convolution of the space-to-channel
     rearrangement plus a parameter-free shortcut that averages its channel groups (DC-AE, Chen et al. 2024), so
@@ -135,8 +140,8 @@ class Up(nn.Module):
         self.conv = CausalConv3d(c_in, c_out * (8 if temporal else 4))
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        c = self.conv.conv.out_channels
-        return from_channels(self.conv(x, cache) + x.repeat_interleave(c // x.shape[1], dim=1), self.temporal, first)
+        y = self.conv(x, cache)
+        return from_channels(y + repeat_channels(x, y.shape[1]), self.temporal, first)
 
 
 PATCH_CHANNELS = 3 * TEMPORAL_FACTOR * SPATIAL_FACTOR ** 2      # one 4x8x8 RGB block as channels: 768
