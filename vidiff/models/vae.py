@@ -57,7 +57,7 @@ class CausalConv3d(nn.Module):
                 past = x[:, :, :1].expand(-1, -1, self.pad_t, -1, -1)
             x = torch.cat([past, x], dim=2)
             if cache is not None:
-                cache[self] = x[:, :, -self.pad_t:]
+                cache[self] = x[:, :, -self.pad_t:].clone()     # a copy: a view would keep all of x alive
         return self.conv(x)
 
 
