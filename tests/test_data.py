@@ -126,8 +126,8 @@ def _v2d_shard(path, n=4):
 def test_video2dataset_shards_are_read_without_conversion(tmp_path):
     (tmp_path / "v2d").mkdir()
     _v2d_shard(tmp_path / "v2d" / "00000.tar")
-    loader = ShardLoader(DataConfig(shards=str(tmp_path / "v2d" / "*.tar"), buckets=[(9, 32, 32)], batch_size=2,
-                                    caption_dropout=0.0), 0, 1, seed=0)
+    loader = ShardLoader(DataConfig(shards=str(tmp_path / "v2d" / "*.tar"), buckets=[(9, 32, 32)],
+                                    caption_dropout=0.0), 0, 1, seed=0, batch_size=2)
     batch = next(loader)
     assert batch["video"].shape == (2, 9, 32, 32, 3) and batch["video"].dtype == torch.uint8
     assert all(c.startswith("a ") for c in batch["caption"])
@@ -141,8 +141,8 @@ def test_video2dataset_shards_are_read_without_conversion(tmp_path):
 # ------------------------------------------------------------------------------------------- buckets
 
 def test_bucket_batch_sizes_match_latent_tokens_and_assignment():
-    cfg = DataConfig(buckets=[(9, 32, 32), (1, 32, 32), (9, 32, 64)], batch_size=2)
-    video, image, wide = make_buckets(cfg)
+    cfg = DataConfig(buckets=[(9, 32, 32), (1, 32, 32), (9, 32, 64)])
+    video, image, wide = make_buckets(cfg, batch_size=2)
     assert video.batch_size == 2 and image.batch_size == 6 and wide.batch_size == 1     # 3:1 latent frames
     buckets = [video, image, wide]
     assert assign_bucket(buckets, False, 64, 30, 20, 1) == wide      # nearest aspect ratio
@@ -159,14 +159,14 @@ def test_image_fraction_schedule():
 
 
 def _cfg(folder, workers=0, **kw):
-    kw = {"buckets": [(9, 32, 32), (9, 32, 48), (1, 32, 32)], "batch_size": 2, "image_fraction": 0.25,
+    kw = {"buckets": [(9, 32, 32), (9, 32, 48), (1, 32, 32)], "image_fraction": 0.25,
           "caption_dropout": 0.0, **kw}
     return DataConfig(shards=str(folder), num_workers=workers, **kw)
 
 
 def test_batches_never_mix_shapes_and_follow_the_mixture(tmp_path):
     folder = write_mixed(tmp_path / "s")
-    loader = ShardLoader(_cfg(folder), 0, 1, seed=0)
+    loader = ShardLoader(_cfg(folder), 0, 1, seed=0, batch_size=2)
     shapes = Counter()
     for step in range(12):
         batch = next(loader)
@@ -184,7 +184,7 @@ def _ledger(folder, legs, seed=3, **kw):
     return how often each key of epoch 0 was seen, and the number of batches each rank yielded per leg."""
     seen, state, yielded = Counter(), None, []
     for world, workers, steps in legs:
-        loaders = [ShardLoader(_cfg(folder, workers, **kw), rank, world, seed) for rank in range(world)]
+        loaders = [ShardLoader(_cfg(folder, workers, **kw), rank, world, seed, batch_size=2) for rank in range(world)]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(json.loads(json.dumps(state)))
@@ -223,27 +223,27 @@ def test_every_sample_exactly_once_per_epoch_across_restarts(tmp_path, legs):
 
 def test_resume_gives_exactly_the_batches_of_an_uninterrupted_run(tmp_path):
     folder = write_mixed(tmp_path / "s")
-    straight = ShardLoader(_cfg(folder), 1, 2, seed=0)
+    straight = ShardLoader(_cfg(folder), 1, 2, seed=0, batch_size=2)
     expected = [next(straight)["key"] for _ in range(10)]
-    first = ShardLoader(_cfg(folder), 1, 2, seed=0)
+    first = ShardLoader(_cfg(folder), 1, 2, seed=0, batch_size=2)
     for _ in range(4):
         next(first)
-    resumed = ShardLoader(_cfg(folder, workers=2), 1, 2, seed=0)
+    resumed = ShardLoader(_cfg(folder, workers=2), 1, 2, seed=0, batch_size=2)
     resumed.load_state_dict(first.state_dict())
     assert [next(resumed)["key"] for _ in range(6)] == expected[4:]
 
 
 def test_epochs_reshuffle_and_caption_dropout_is_seeded(tmp_path):
     folder = write_mixed(tmp_path / "s")
-    loader = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    loader = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0, batch_size=2)
     per_epoch = loader.steps_per_epoch()
     epoch0 = [k for _ in range(per_epoch) for k in next(loader)["key"]]
     epoch1 = [k for _ in range(per_epoch) for k in next(loader)["key"]]
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
-    again = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    again = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0, batch_size=2)
     captions = [c for _ in range(per_epoch) for c in next(again)["caption"]]
     assert 0.2 < captions.count("") / len(captions) < 0.8
-    replay = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0)
+    replay = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0, batch_size=2)
     assert [c for _ in range(per_epoch) for c in next(replay)["caption"]] == captions
 
 # --------------------------------------------------------------------------------------- bad input
@@ -264,7 +264,7 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
         {"__key__": "bad_pickle", "mp4": full, "txt": "x", "pyd": pickle.dumps({"boom": 1})},
     ]
     folder = write_shards(good + bad, tmp_path / "s", max_count=4).parent
-    loader = ShardLoader(_cfg(folder, image_fraction=0.25), 0, 1, seed=0)
+    loader = ShardLoader(_cfg(folder, image_fraction=0.25), 0, 1, seed=0, batch_size=2)
     assert {k: v for k, v in loader.excluded.items() if v} == {
         "empty_member": 1, "missing_caption": 1, "too_short": 1, "pickle_member": 1}
     keys, skipped = Counter(), Counter()
@@ -283,7 +283,7 @@ def test_a_batch_with_no_usable_sample_is_padding(tmp_path):
     good = mixed_samples(n_video=3, n_image=0)
     broken = [{**s, "__key__": f"broken{i}", "mp4": s["mp4"][:300]} for i, s in enumerate(good)]
     folder = write_shards(broken, tmp_path / "s").parent
-    loader = ShardLoader(_cfg(folder, image_fraction=0.0, buckets=[(9, 32, 32)], batch_size=4), 0, 1, seed=0)
+    loader = ShardLoader(_cfg(folder, image_fraction=0.0, buckets=[(9, 32, 32)]), 0, 1, seed=0, batch_size=4)
     batch = next(loader)
     assert batch["padding"] and batch["key"] == [] and batch["video"].shape[1:4] == (9, 32, 32)
 
@@ -291,13 +291,13 @@ def test_a_batch_with_no_usable_sample_is_padding(tmp_path):
 def test_clear_errors_for_unusable_data(tmp_path):
     folder = write_mixed(tmp_path / "s", n_image=0)
     with pytest.raises(ShardError, match="no usable image samples"):
-        ShardLoader(_cfg(folder, image_fraction=0.5), 0, 1, seed=0)
+        ShardLoader(_cfg(folder, image_fraction=0.5), 0, 1, seed=0, batch_size=2)
     with pytest.raises(ShardError, match="holds no samples"):
-        ShardLoader(_cfg(tmp_path / "nothing-here"), 0, 1, seed=0)
+        ShardLoader(_cfg(tmp_path / "nothing-here"), 0, 1, seed=0, batch_size=2)
 
 
 def test_index_is_rebuilt_from_tars_alone(tmp_path):
     folder = write_mixed(tmp_path / "s")
     (folder / "index.json").unlink()
-    assert ShardLoader(_cfg(folder), 0, 1, seed=0).steps_per_epoch() > 0
+    assert ShardLoader(_cfg(folder), 0, 1, seed=0, batch_size=2).steps_per_epoch() > 0
     assert write_index(folder).is_file()

@@ -44,10 +44,10 @@ def test_blocks_are_identity_at_init_and_denoiser_is_c_skip_x(attention):
     net = _dit(attention=attention)
     B, T, N = 2, 3, 16
     h, c = torch.randn(B, T, N, D), torch.randn(B, D)
-    context, mask = net.with_null_text(*_text())
+    context, mask = net.embed.with_null_text(*_text())
     ropes = _ropes(net, T, 4, 4, B)
     for block in net.blocks:
-        torch.testing.assert_close(block(h, c, net.text_proj(context), mask, *ropes), h)
+        torch.testing.assert_close(block(h, c, net.embed.text_proj(context), mask, *ropes), h)
     x, sigma = torch.randn(2, 4, 3, 8, 8), torch.tensor([0.3, 5.0])
     denoised = Precond(net, 0.5)(x, sigma, text=_text()[0], text_mask=_text()[1])
     c_skip = 0.25 / (sigma**2 + 0.25)
@@ -77,8 +77,8 @@ def _perturbed_outputs(attention: str, gate: int, where: tuple):
     x = torch.randn(B, T, H * W, D)
     y = x.clone()
     y[where] += torch.randn_like(y[where])                              # not a constant: LayerNorm removes those
-    context, mask = net.with_null_text(*_text())
-    args = (torch.randn(B, D), net.text_proj(context), mask, *_ropes(net, T, H, W, B))
+    context, mask = net.embed.with_null_text(*_text())
+    args = (torch.randn(B, D), net.embed.text_proj(context), mask, *_ropes(net, T, H, W, B))
     with torch.no_grad():
         return block(x, *args), block(y, *args)
 
@@ -162,7 +162,7 @@ def test_dropped_captions_use_the_null_embedding():
         a = net(x, torch.zeros(2), text, dropped)
         b = net(x, torch.zeros(2), torch.randn_like(text), dropped)     # token content is ignored
         conditioned = net(x, torch.zeros(2), text, mask)
-        net.null_text.add_(1.0)
+        net.embed.null_text.add_(1.0)
         c = net(x, torch.zeros(2), text, dropped)                       # the null embedding is what is used
     torch.testing.assert_close(a, b)
     assert (a - conditioned).abs().max() > 1e-3 and (a - c).abs().max() > 1e-3

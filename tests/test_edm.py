@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gmm import toy_mixture
-from vidiff.diffusion.edm import Precond, edm_loss, loss_weight, sample_sigma
+from vidiff.diffusion.edm import Precond, edm_loss, loss_weight, sample_noise, sample_sigma
 from vidiff.diffusion.samplers import guided, karras_sigmas, sample_euler, sample_heun
 
 
@@ -52,8 +52,18 @@ def test_weighted_loss_of_the_exact_denoiser_is_one():
     def exact(x, sigma):
         return x * (sd**2 / (sd**2 + sigma.double()[:, None] ** 2))
 
-    loss = edm_loss(exact, x0, sd, -1.2, 1.2, torch.Generator().manual_seed(2))
+    sigma, noise = sample_noise(x0, list(range(len(x0))), -1.2, 1.2)
+    loss = edm_loss(exact, x0, sigma, noise, sd)
     assert loss.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_noise_draws_follow_the_sample_not_the_batch():
+    x0 = torch.zeros(6, 3)
+    sigma, noise = sample_noise(x0, [10, 11, 12, 13, 14, 15], -1.2, 1.2)
+    half_sigma, half_noise = sample_noise(x0[3:], [13, 14, 15], -1.2, 1.2)      # another rank's micro-batch
+    torch.testing.assert_close(sigma[3:], half_sigma)
+    torch.testing.assert_close(noise[3:], half_noise)
+    assert len(set(sigma.tolist())) == 6
 
 
 def test_karras_schedule():

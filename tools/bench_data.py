@@ -88,9 +88,9 @@ def run_bare(clips, jobs, workers) -> tuple[float, float]:
         return _rates(t0, t_first, 1, n)
 
 
-def run_loader(cfg: DataConfig) -> tuple[float, float, int]:
+def run_loader(cfg: DataConfig, batch_size: int) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    loader = ShardLoader(cfg, rank=0, world_size=1, seed=0)
+    loader = ShardLoader(cfg, rank=0, world_size=1, seed=0, batch_size=batch_size)
     first = len(next(loader)["key"])
     t_first = time.perf_counter()
     clips = first + sum(len(next(loader)["key"]) for _ in range(loader.steps_per_epoch() - 1))
@@ -111,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         samples = build_shards(clips, args.samples, Path(tmp) / "shards")
         cfg = DataConfig(shards=str(Path(tmp) / "shards"), buckets=[(args.frames, args.size, args.size)],
-                         batch_size=args.batch, num_workers=args.workers, caption_dropout=0.0, random_start=True)
+                         num_workers=args.workers, caption_dropout=0.0, random_start=True)
         bucket = Bucket(args.frames, args.size, args.size, args.batch)
         # The same start frames the loader picks (epoch 0), so both decode exactly the same frames.
         jobs = []
@@ -122,7 +122,7 @@ def main() -> None:
             jobs.append((name, start, args.frames, args.size))
         loader_runs, bare_runs = [], []
         for _ in range(args.repeats):
-            rate, startup, n = run_loader(cfg)
+            rate, startup, n = run_loader(cfg, args.batch)
             assert n == args.samples, f"loader yielded {n} clips, expected {args.samples}"
             loader_runs.append((rate, startup))
             bare_runs.append(run_bare(clips, jobs, args.workers))

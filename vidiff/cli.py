@@ -29,13 +29,26 @@ def _load(args: argparse.Namespace) -> RunConfig:
         sys.exit(EXIT_BAD_CONFIG)
 
 
+def _layout(cfg: RunConfig, world: int, config: str):
+    """The run's parallel layout on `world` ranks; a layout that cannot run exits 2 with the reason."""
+    from vidiff.parallel.layout import make_layout
+
+    try:
+        return make_layout(cfg, world)
+    except ConfigError as exc:
+        print(f"vidiff: bad parallel layout in {config}\n{exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     cfg = _load(args)
-    print(f"{args.config}: ok ({cfg.task} run, out_dir {cfg.out_dir})")
+    layout = _layout(cfg, args.world_size, args.config)
+    print(f"{args.config}: ok ({cfg.task} run, out_dir {cfg.out_dir}; {layout.describe()})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _load(args)
+    _layout(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.config)     # before any process group
     _prepare_environment()
     from vidiff.train.trainer import train
 
@@ -58,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from vidiff.train.checkpoint import latest_tag, load_export, load_vae
 
     run_dir = Path(args.run or cfg.out_dir)
-    run_cfg, weights = load_export(run_dir)
+    run_cfg, weights = load_export(run_dir, prefer_ema=True)
     if run_cfg.task != "dit":
         print(f"vidiff: {run_dir} is a {run_cfg.task!r} run; sample needs a DiT run", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
@@ -167,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("train", help="train the run's network (under the deepspeed launcher)"))
     p.set_defaults(func=cmd_train)
 
-    p = with_config(sub.add_parser("check", help="validate a run config and exit"))
+    p = with_config(sub.add_parser("check", help="validate a run config (and its layout on --world-size ranks)"))
+    p.add_argument("--world-size", type=positive_int, default=1, help="ranks the run will start (default 1)")
     p.set_defaults(func=cmd_check)
 
     p = with_config(sub.add_parser("sample", help="sample videos from a DiT run's latest checkpoint"))

@@ -32,9 +32,8 @@ def _check_causal_frames(frames: int) -> int:
 class DataConfig(_Section):
     shards: str = "runs/demo/shards"          # folder of *.tar shards (index.json optional), or a glob of tars
     # (frames, height, width) buckets; frames 1 + 4k (1 = images), sides multiples of 8. The first bucket's
-    # batch is data.batch_size clips; the others get batch sizes with about the same latent tokens.
+    # batch is parallel.micro_batch clips; the others get batch sizes with about the same latent tokens.
     buckets: list[tuple[int, int, int]] = [(9, 64, 64)]
-    batch_size: int = Field(2, ge=1)          # clips per rank per micro-step in the first bucket
     frame_stride: int = Field(1, ge=1)        # take every n-th decoded frame ...
     fps: float | None = Field(None, gt=0)     # ... or resample each clip to this frame rate
     random_start: bool = True                 # clips start at a seeded random frame (else at frame 0)
@@ -160,6 +159,7 @@ class TrainConfig(_Section):
     lr_decay: Literal["constant", "cosine"] = "constant"   # after warmup: hold lr, or cosine to 0 at `steps`
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)     # 0 disables clipping
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # EMA of the weights (exported as ema.safetensors); 0: none
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0)          # held-out metrics and previews every n steps (0: never)
@@ -167,8 +167,38 @@ class TrainConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    """How the run is laid out over ranks (checked against the world size in parallel/layout.py).
+    pipeline == 1: the sharded layout (ZeRO-3, tensor parallelism by DeepSpeed AutoTP);
+    pipeline > 1: the pipeline layout (PipelineModule, explicit tensor-parallel layers, ZeRO <= 1)."""
+    tensor: int = Field(1, ge=1)              # tensor-parallel ranks (split attention heads and MLP width)
+    pipeline: int = Field(1, ge=1)            # pipeline stages (DiT blocks split over them)
+    micro_batch: int = Field(2, ge=1)         # clips per data-parallel rank per micro-step (first bucket)
+    global_batch: int | None = Field(None, ge=1)   # clips per optimizer step over all ranks (default: one
+                                              # micro-batch per data-parallel rank); accumulation is derived
+    precision: Literal["fp32", "bf16"] = "fp32"    # bf16 compute; gradients accumulate in fp32 either way
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # default: 3 in the sharded layout; the pipeline layout runs 1
     activation_checkpointing: bool = False    # recompute each DiT block in backward: memory for ~1/3 more compute
+    peak_tflops: float | None = Field(None, gt=0)  # per device, for perf/mfu (default: known GPUs, or measured)
+
+    @property
+    def layout(self) -> Literal["sharded", "pipeline"]:
+        return "pipeline" if self.pipeline > 1 else "sharded"
+
+    @property
+    def zero(self) -> int:
+        """The ZeRO stage in effect."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 1 if self.layout == "pipeline" else 3
+
+    @model_validator(mode="after")
+    def _pipeline_zero(self) -> "ParallelConfig":
+        if self.layout == "pipeline" and self.zero != 1:
+            raise ValueError(f"zero_stage {self.zero_stage} with pipeline {self.pipeline}: the pipeline layout runs "
+                             "ZeRO stage 1 (DeepSpeed's pipeline engine refuses 2 and 3, and with 0 its gradient "
+                             "clipping misses later stages' parameters); use pipeline: 1 (the sharded layout) for "
+                             "ZeRO-2/3")
+        return self
 
 
 class SampleConfig(_Section):
@@ -192,12 +222,18 @@ class RunConfig(_Section):
     edm: EDMConfig = EDMConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
+    # Expert DeepSpeed knobs merged over the config built from `parallel` (parallel/deepspeed.py); the keys
+    # that `parallel` owns (batch sizes, ZeRO stage, precision, tensor parallelism) are refused here.
+    deepspeed: dict[str, Any] = {}
     sample: SampleConfig = SampleConfig()
 
     @model_validator(mode="after")
-    def _dit_needs_vae(self) -> "RunConfig":
+    def _task_constraints(self) -> "RunConfig":
         if self.task == "dit" and not self.vae.checkpoint:
             raise ValueError("task 'dit' needs vae.checkpoint: the folder of a trained VAE run")
+        if self.task == "vae" and (self.parallel.tensor > 1 or self.parallel.pipeline > 1):
+            raise ValueError(f"parallel.tensor {self.parallel.tensor} / parallel.pipeline {self.parallel.pipeline}: "
+                             "the VAE (convolutions) trains data-parallel only; keep both at 1 for task 'vae'")
         return self
 
     def digest(self) -> str:

@@ -35,11 +35,12 @@ class Bucket:
         return f"{self.frames}x{self.height}x{self.width}"
 
 
-def make_buckets(cfg: DataConfig) -> list[Bucket]:
-    """Buckets from the config; the first bucket takes data.batch_size, the others match its token count."""
+def make_buckets(cfg: DataConfig, batch_size: int) -> list[Bucket]:
+    """Buckets from the config; the first bucket takes batch_size (the micro-batch), the others match its
+    token count."""
     shapes = cfg.buckets
-    first = Bucket(*shapes[0], batch_size=cfg.batch_size)
-    budget = first.latent_tokens * cfg.batch_size
+    first = Bucket(*shapes[0], batch_size=batch_size)
+    budget = first.latent_tokens * batch_size
     buckets = [first]
     for frames, height, width in shapes[1:]:
         probe = Bucket(frames, height, width, 1)

@@ -249,15 +249,15 @@ class _RankBatches(IterableDataset):
 
 
 class ShardLoader:
-    """Iterator of batches {"video": uint8 (B, T, H, W, 3), "caption", "key", "epoch", "stream", "bucket",
+    """Iterator of micro-batches (batch_size clips in the first bucket) {"video": uint8 (B, T, H, W, 3), "caption", "key", "epoch", "stream", "bucket",
     "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank).
     Videos stay uint8 (4x less to move between processes and to the GPU): see `to_model_input`."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int, *, batch_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.samples = load_index(cfg.shards)
-        self.buckets = make_buckets(cfg)
+        self.buckets = make_buckets(cfg, batch_size)
         streams, self.excluded = classify(self.samples, cfg, self.buckets)
         self.planners = {s: EpochPlanner(streams[s], self.samples, self.buckets, self.seed, s) for s in STREAMS}
         for stream, used in (("video", cfg.image_fraction < 1), ("image", cfg.image_fraction > 0)):

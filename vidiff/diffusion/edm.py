@@ -19,6 +19,17 @@ def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
+def scalings(sigma: torch.Tensor, x: torch.Tensor, sigma_data: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c_skip, c_out, c_in (broadcast to x) and c_noise (B,) of Table 1 for noise levels sigma (B,)."""
+    sigma = sigma.to(torch.float32).reshape(-1)                           # (B,)
+    s, sd = _bcast(sigma, x), sigma_data
+    c_skip = sd**2 / (s**2 + sd**2)
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    c_in = 1 / (sd**2 + s**2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
+
+
 class Precond(nn.Module):
     """Wraps a raw net F(x_in, c_noise, **cond) into the EDM denoiser D(x, sigma, **cond)."""
 
@@ -28,12 +39,7 @@ class Precond(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        sigma = sigma.to(torch.float32).reshape(-1)                       # (B,)
-        s, sd = _bcast(sigma, x), self.sigma_data
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + s**2).sqrt()
-        c_noise = sigma.log() / 4
+        c_skip, c_out, c_in, c_noise = scalings(sigma, x, self.sigma_data)
         F_x = self.net(c_in * x, c_noise, **cond)
         return c_skip * x + c_out * F_x.to(x.dtype)
 
@@ -49,11 +55,29 @@ def sample_sigma(n: int, P_mean: float, P_std: float, generator: torch.Generator
     return (P_mean + P_std * torch.randn(n, generator=generator, device=device)).exp()
 
 
-def edm_loss(denoise: Denoiser, x0: torch.Tensor, sigma_data: float, P_mean: float, P_std: float,
-             generator: torch.Generator | None = None, **cond: Any) -> torch.Tensor:
-    """E_sigma,n [ lambda(sigma) || D(x0 + n; sigma) - x0 ||^2 ], averaged over elements (Eq. 2, 8)."""
-    sigma = sample_sigma(x0.shape[0], P_mean, P_std, generator, x0.device)          # (B,)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    D_x = denoise(x0 + _bcast(sigma, x0) * noise, sigma, **cond)
+def sample_noise(x0: torch.Tensor, seeds: list[int], P_mean: float, P_std: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training noise level sigma (B,) and noise n like x0, each sample drawn from its own seed: a sample gets
+    the same draw however the batch is split over ranks and micro-batches."""
+    sigmas, noises = [], []
+    for seed, x in zip(seeds, x0):
+        generator = torch.Generator().manual_seed(seed)
+        sigmas.append(sample_sigma(1, P_mean, P_std, generator))
+        noises.append(torch.randn(x.shape, generator=generator))
+    return torch.cat(sigmas).to(x0.device), torch.stack(noises).to(x0.device, x0.dtype)
+
+
+def noised(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return x0 + _bcast(sigma, x0) * noise
+
+
+def weighted_error(D_x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) || D_x - x0 ||^2, averaged over elements and the batch (Eq. 2, 8)."""
     per_sample = (D_x - x0).pow(2).flatten(1).mean(1)                                 # (B,)
     return (loss_weight(sigma, sigma_data) * per_sample).mean()
+
+
+def edm_loss(denoise: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, sigma_data: float,
+             **cond: Any) -> torch.Tensor:
+    """E_sigma,n [ lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2 ] for given draws (sample_noise)."""
+    return weighted_error(denoise(noised(x0, sigma, noise), sigma, **cond), x0, sigma, sigma_data)

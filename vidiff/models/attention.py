@@ -46,28 +46,46 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head attention with QK-norm (RMSNorm per head) over scaled_dot_product_attention."""
+class Linear(nn.Linear):
+    """nn.Linear that initializes itself when built: xavier weights and zero bias, or all zeros with zero=True.
+    nn.Linear's constructor calls reset_parameters, so the layer is complete before DeepSpeed's zero.Init
+    (which shards every module as its constructor returns) takes it, and the draws match a plain build."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    def __init__(self, d_in: int, d_out: int, zero: bool = False):
+        self.zero = zero                    # read by reset_parameters, which nn.Linear's constructor calls
+        super().__init__(d_in, d_out)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+        if self.zero:
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.xavier_uniform_(self.weight)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm (RMSNorm per head) over scaled_dot_product_attention. Heads are
+    counted from the projections' width (h = width / head_dim), so a tensor-parallel split of q/k/v by
+    whole heads runs unchanged with its share of the heads. zero_out: the output projection starts at zero."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, zero_out: bool = False):
         super().__init__()
-        self.heads = heads
-        head_dim = dim // heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(context_dim or dim, dim)
-        self.v = nn.Linear(context_dim or dim, dim)
-        self.out = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.head_dim = dim // heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(context_dim or dim, dim)
+        self.v = Linear(context_dim or dim, dim)
+        self.out = Linear(dim, dim, zero=zero_out)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: Rope | None = None) -> torch.Tensor:
         """x (B, N, D); context (B, L, Dc) for cross attention; mask (B, L) True where context is valid;
         rope: rotations of x's token positions for self-attention, complex (B or 1, 1, N, d/2)."""
         context = x if context is None else context
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.k(context), "b l (h d) -> b h l d", h=self.heads)
-        v = rearrange(self.v(context), "b l (h d) -> b h l d", h=self.heads)
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", d=self.head_dim)
+        k = rearrange(self.k(context), "b l (h d) -> b h l d", d=self.head_dim)
+        v = rearrange(self.v(context), "b l (h d) -> b h l d", d=self.head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)

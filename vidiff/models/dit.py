@@ -9,6 +9,8 @@ A caption with no valid token (dropped, or empty for guidance) is replaced by th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -16,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vidiff.config import PRESETS, DiTConfig
-from vidiff.models.attention import Attention, Rope, rope_3d
+from vidiff.models.attention import Attention, Linear, Rope, rope_3d
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -38,11 +40,12 @@ class NoiseEmbedding(nn.Module):
     def __init__(self, dim: int, features: int = 256):
         super().__init__()
         self.register_buffer("freqs", torch.logspace(0, 3, features // 2), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(features, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         angles = c_noise.float()[:, None] * self.freqs[None]                # (B, features/2)
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+        features = torch.cat([angles.cos(), angles.sin()], dim=1)          # (B, features)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 # Token sequences of each attention, as (to, from) rearrangements of x (B, T, N, D).
@@ -75,10 +78,10 @@ class DiTBlock(nn.Module):
         self.norm_t = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_t = Attention(dim, heads)
         self.norm_x = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = Attention(dim, heads)
+        self.cross = Attention(dim, heads, zero_out=True)                  # no adaLN gate: starts closed itself
         self.norm_m = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 9 * dim, zero=True))   # adaLN-Zero: gates start at 0
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 rope_s: Rope, rope_t: Rope) -> torch.Tensor:
@@ -103,50 +106,44 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, zero=True))
+        self.linear = Linear(dim, out_dim, zero=True)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN(c)[:, None, None].chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
-    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W).
-    activation_checkpointing recomputes each block in backward instead of keeping its activations."""
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(B, C, T, H, W) -> tokens (B, T', N, C*pt*ph*pw) and the token grid (T', H', W')."""
+    B, C, T, H, W = x.shape
+    pt, ph, pw = patch
+    if T % pt or H % ph or W % pw:
+        raise ValueError(f"latent (T, H, W) = {(T, H, W)} is not divisible by patch_size {patch}")
+    tokens = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+    return tokens, (T // pt, H // ph, W // pw)
 
-    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, activation_checkpointing: bool = False):
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of patchify: (B, T', N, C*pt*ph*pw) -> (B, C, T, H, W)."""
+    _, Hp, Wp = grid
+    pt, ph, pw = patch
+    return rearrange(x, "b t (h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
+
+
+class Embed(nn.Module):
+    """Inputs to block inputs: latent patches to tokens, the conditioning vector c = noise embedding + pooled
+    text, and the text context for cross attention (a caption with no valid token gets the null embedding)."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
         super().__init__()
-        self.cfg = cfg
-        self.in_channels = in_channels
-        self.activation_checkpointing = activation_checkpointing
         D, (pt, ph, pw) = cfg.hidden_size, cfg.patch_size
-        patch_dim = in_channels * pt * ph * pw
-        self.x_embed = nn.Linear(patch_dim, D)
+        self.patch = cfg.patch_size
+        self.x_embed = Linear(in_channels * pt * ph * pw, D)
         self.noise_embed = NoiseEmbedding(D)
-        self.null_text = nn.Parameter(torch.empty(1, 1, text_dim))          # stands in for a dropped caption
-        self.text_proj = nn.Linear(text_dim, D)
-        self.text_pool = nn.Linear(text_dim, D)
-        full = cfg.attention == "full"
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full) for _ in range(cfg.depth)])
-        self.final = FinalLayer(D, patch_dim)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.null_text, std=0.02)
-        for block in self.blocks:           # adaLN-Zero: every residual branch starts closed
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-            nn.init.zeros_(block.cross.out.weight)
-            nn.init.zeros_(block.cross.out.bias)
-        nn.init.zeros_(self.final.adaLN[-1].weight)
-        nn.init.zeros_(self.final.adaLN[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        self.null_text = nn.Parameter(torch.randn(1, 1, text_dim) * 0.02)  # stands in for a dropped caption
+        self.text_proj = Linear(text_dim, D)
+        self.text_pool = Linear(text_dim, D)
 
     def with_null_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepend the learned null token, valid only in rows without any valid token (dropped captions):
@@ -155,32 +152,50 @@ class DiT(nn.Module):
         null = self.null_text.to(text.dtype).expand(text.shape[0], -1, -1)
         return torch.cat([null, text], dim=1), torch.cat([dropped, text_mask], dim=1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
-        B, C, T, H, W = x.shape
-        pt, ph, pw = self.cfg.patch_size
-        if T % pt or H % ph or W % pw:
-            raise ValueError(f"latent (T, H, W) = {(T, H, W)} is not divisible by patch_size {(pt, ph, pw)}")
-        Tp, Hp, Wp = T // pt, H // ph, W // pw
-        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
-        x = self.x_embed(x)                                                 # (B, T', N, D)
-        rope_s, rope_t = rope_sequences(Tp, Hp, Wp, self.cfg.hidden_size // self.cfg.num_heads,
-                                        self.cfg.attention == "full", B, x.device)
-
-        text, text_mask = self.with_null_text(text, text_mask)
-        mask = text_mask.to(text.dtype)[..., None]                          # (B, L, 1)
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """-> tokens (B, T', N, D), c (B, D), context (B, 1 + L, D), mask (B, 1 + L), grid (T', H', W')."""
+        dtype = self.x_embed.weight.dtype                                   # bf16 runs: inputs follow the weights
+        tokens, grid = patchify(x.to(dtype), self.patch)
+        text, text_mask = self.with_null_text(text.to(dtype), text_mask)
+        mask = text_mask.to(dtype)[..., None]                               # (B, L, 1)
         pooled = (text * mask).sum(1) / mask.sum(1)                         # (B, Dt)
         c = self.noise_embed(c_noise) + self.text_pool(pooled)              # (B, D)
-        context = self.text_proj(text)                                      # (B, L, D)
+        return self.x_embed(tokens), c, self.text_proj(text), text_mask, grid
 
+
+class DiT(nn.Module):
+    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W):
+    embed, blocks, final layer (the pipeline layout runs the same three as its stages).
+    activation_checkpointing recomputes each block in backward instead of keeping its activations."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, activation_checkpointing: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.activation_checkpointing = activation_checkpointing
+        # Every layer initializes itself when built (see attention.Linear); adaLN-Zero closes every residual
+        # branch and the output at initialization.
+        self.embed = Embed(cfg, in_channels, text_dim)
+        full = cfg.attention == "full"
+        D = cfg.hidden_size
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full) for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size))
+
+    def ropes(self, grid: tuple[int, int, int], batch: int, device) -> tuple[Rope, Rope]:
+        """The blocks' RoPE rotations for a token grid (T', H', W')."""
+        return rope_sequences(*grid, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.attention == "full",
+                              batch, device)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        x, c, context, text_mask, grid = self.embed(x, c_noise, text, text_mask)   # x (B, T', N, D)
+        rope_s, rope_t = self.ropes(grid, x.shape[0], x.device)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, context, text_mask, rope_s, rope_t, use_reentrant=False)
             else:
                 x = block(x, c, context, text_mask, rope_s, rope_t)
-        x = self.final(x, c)                                                # (B, T', N, patch_dim)
-        return rearrange(x, "b t (h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
-                         h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
+        return unpatchify(self.final(x, c), grid, self.cfg.patch_size)   # (B, C, T, H, W)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -196,3 +211,14 @@ def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, in
         counts[name] = count_parameters(model)
     return counts
 
+
+
+def training_flops_per_token(cfg: DiTConfig, parameters: int, grid: tuple[int, int, int], text_tokens: int) -> float:
+    """Model FLOPs of one training step per latent token (the convention of perf/mfu, README "Throughput"):
+    6 x parameters (a multiply-add is 2 FLOPs; forward 2, backward 4 per parameter per token) plus attention:
+    per token and attention layer, QK^T and AV cost 4 x S x D forward and 12 x S x D with backward, S the
+    keys it attends to (spatial H'W' + temporal T' when factorized, T'H'W' twice when full, cross 1 + L
+    text tokens). Recomputation from activation checkpointing is not counted."""
+    T, H, W = grid
+    self_keys = 2 * T * H * W if cfg.attention == "full" else H * W + T
+    return 6.0 * parameters + 12.0 * cfg.hidden_size * cfg.depth * (self_keys + 1 + text_tokens)

@@ -1,18 +1,81 @@
-"""The DeepSpeed config dict, built from the run config (never written by hand)."""
+"""The DeepSpeed config dict, built from the run config and its layout (never written by hand).
+
+The `deepspeed:` section of a run config is merged over the result for expert knobs (offload, bucket sizes,
+communication settings); the keys the `parallel:` section owns are refused there, so there is one place for
+each setting.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from vidiff.config import RunConfig
+from vidiff.parallel.layout import Layout, LayoutError
+from vidiff.parallel.tensor import autotp_layer_specs
+
+# Keys `parallel:` owns -> where to set them instead.
+OWNED = {
+    "train_batch_size": "parallel.global_batch", "train_micro_batch_size_per_gpu": "parallel.micro_batch",
+    "gradient_accumulation_steps": "parallel.global_batch", "bf16": "parallel.precision",
+    "fp16": "parallel.precision", "data_types": "parallel.precision", "tensor_parallel": "parallel.tensor",
+    "zero_optimization.stage": "parallel.zero_stage", "gradient_clipping": "train.grad_clip",
+}
 
 
-def deepspeed_config(cfg: RunConfig) -> dict:
-    """ZeRO stage, micro-batch, clipping; the optimizer and schedule are ours, handed to deepspeed.initialize."""
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
+def zero3_buckets(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 communication sizes from the model width (the rule of DeepSpeed's HuggingFace integration):
+    reduce and prefetch buckets of about hidden^2 elements, and parameters under 10 x hidden kept whole on
+    every rank (biases and norms: gathering them costs more than it saves)."""
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
+def _merge(base: dict, extra: dict, path: str = "") -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        where = f"{path}{key}"
+        if where in OWNED:
+            raise LayoutError(f"deepspeed.{where} is set from {OWNED[where]}; set it there instead")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{where}.")
+        else:
+            out[key] = value
+    return out
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    """ZeRO stage, batch sizes, precision, tensor parallelism; the optimizer and schedule are ours, handed to
+    deepspeed.initialize."""
+    par = cfg.parallel
+    zero: dict[str, Any] = {"stage": par.zero}
+    if par.zero == 3:
+        # ZeRO-3's memory-efficient linear (its own autograd function in place of F.linear) saves little
+        # here and ran steps ~2x slower on CPU; `deepspeed: {zero_optimization: {memory_efficient_linear:
+        # true}}` turns it back on.
+        zero["memory_efficient_linear"] = False
+        if cfg.task == "dit":
+            zero.update(zero3_buckets(cfg.model.hidden_size))
+    config: dict[str, Any] = {
+        # No train_batch_size: DeepSpeed derives it, counting data-parallel ranks only (with AutoTP, zero.Init
+        # checks it against the whole world size before the tensor-parallel groups exist).
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.accumulation,
         "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,      # torch AdamW: DeepSpeed's fused Adam needs CUDA
         "steps_per_print": 1 << 30,                 # we log; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if par.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if layout.kind == "pipeline":
+        # DeepSpeed splits stage-to-stage activations over the tensor-parallel ranks only when a single tensor
+        # needs a gradient; ours are a tuple in which c and context need theirs too.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    if layout.kind == "sharded" and layout.tensor > 1:
+        config["tensor_parallel"] = {"autotp_size": layout.tensor,
+                                     "partition_config": {"use_default_specs": False,
+                                                          "layer_specs": autotp_layer_specs()}}
+    return _merge(config, cfg.deepspeed)

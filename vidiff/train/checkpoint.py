@@ -23,6 +23,7 @@ from vidiff.models.vae import VideoVAE
 
 STATE_NAME = "vidiff_state.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
 CONFIG_NAME = "config.yaml"
 
 
@@ -46,20 +47,47 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def export_weights(module: nn.Module, path: Path) -> None:
-    """Gather the full weights (ZeRO-3 shards included; every rank must call) and write them on rank 0."""
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if _rank() == 0:
-            state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(path))
+    """Write the full weights on rank 0 (every rank must call): module by module, ZeRO-3 shards are gathered
+    and AutoTP's tensor-parallel slices joined, so at most one layer is ever whole at a time."""
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
+
+    state = {}
+    for prefix, mod in module.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        params = list(mod.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None), \
+                GatherReplacedLayerParams(params, mod, enabled=bool(params)):
+            if _rank() == 0:
+                tensors = [*mod.named_parameters(recurse=False),
+                           *((n, b) for n, b in mod.named_buffers(recurse=False)
+                             if n not in mod._non_persistent_buffers_set)]
+                state.update({prefix + n: t.detach().to("cpu", torch.float32).clone() for n, t in tensors})
+    if _rank() == 0:
+        save_file(state, str(path))
 
 
-def save(engine, run_dir: Path, step: int, state: dict) -> Path:
+def _export(engine, path: Path, layout) -> None:
+    if layout.kind == "pipeline":
+        from vidiff.parallel.pipeline import export_pipeline
+        export_pipeline(engine, path, layout)
+    else:
+        export_weights(engine.module, path)
+
+
+def ema_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"ema_rank{rank:05d}.safetensors"
+
+
+def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None) -> Path:
     """Write checkpoint `step{step}` on every rank, then move `latest` to it. Returns the tag folder."""
     ckpt_dir = run_dir / "checkpoints"
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    export_weights(engine.module, ckpt_dir / tag / WEIGHTS_NAME)
+    _export(engine, ckpt_dir / tag / WEIGHTS_NAME, layout)
+    if ema is not None:
+        ema.save(ema_path(ckpt_dir / tag, _rank()))
+        with ema.swapped():
+            _export(engine, ckpt_dir / tag / EMA_NAME, layout)
     if _rank() == 0:
         _write_atomic(ckpt_dir / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=1))
     _barrier()                              # every rank's files are on disk before `latest` moves
@@ -87,14 +115,16 @@ def resume(engine, run_dir: Path) -> dict | None:
     return json.loads((tag_dir / STATE_NAME).read_text())
 
 
-def load_export(run_dir: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """The config and full weights of a run's latest checkpoint, without DeepSpeed."""
+def load_export(run_dir: str | Path, prefer_ema: bool = False) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The config and full weights of a run's latest checkpoint, without DeepSpeed; with prefer_ema the EMA
+    weights where the run kept them (train.ema_decay > 0)."""
     run_dir = Path(run_dir)
     tag_dir = latest_tag(run_dir)
     if tag_dir is None or not (tag_dir / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{run_dir} has no finished checkpoint (expected {run_dir}/checkpoints/latest)")
     cfg = load_config(run_dir / CONFIG_NAME)
-    return cfg, load_file(str(tag_dir / WEIGHTS_NAME))
+    ema = tag_dir / EMA_NAME
+    return cfg, load_file(str(ema if prefer_ema and ema.is_file() else tag_dir / WEIGHTS_NAME))
 
 
 def load_vae(run_dir: str | Path) -> VideoVAE:

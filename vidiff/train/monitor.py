@@ -1,4 +1,4 @@
-"""What people watch: TensorBoard scalars (rank 0 only), a progress bar, throughput."""
+"""What people watch: TensorBoard scalars (rank 0 only), a progress bar, throughput and MFU."""
 
 from __future__ import annotations
 
@@ -6,11 +6,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vidiff.data.video import encode_gif
+
+# Dense peak TFLOP/s per GPU by name and precision (vendor data sheets; fp32 means TF32 tensor cores).
+GPU_PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
+                   "A100": {"bf16": 312.0, "fp32": 156.0}}
+
+
+def measured_peak_tflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """TFLOP/s of this process's best square matmul (the CPU's practical peak with its threads)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best / 1e12
+
+
+def peak_tflops(precision: str, configured: float | None) -> tuple[float, str]:
+    """Peak TFLOP/s of one device for perf/mfu, and where the figure came from."""
+    if configured:
+        return configured, "parallel.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peaks[precision], f"{name} data sheet"
+        return float("nan"), f"{name}: unknown peak, set parallel.peak_tflops"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measured_peak_tflops(dtype), "measured matmul on this CPU"
 
 
 class Monitor:

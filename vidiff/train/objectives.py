@@ -1,7 +1,8 @@
 """What a run trains: the VAE (reconstruction + KL) or the DiT (EDM loss on VAE latents).
 
 An objective builds the trainable module, turns a batch into a loss through the DeepSpeed engine, and
-prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it).
+prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it). Random
+draws come from one seed per sample (`seeds`), so they do not depend on how the batch is split over ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from vidiff.config import RunConfig
 from vidiff.data.pipeline import to_uint8
-from vidiff.diffusion.edm import Precond, edm_loss
+from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT
 from vidiff.models.text import TextEncoder
@@ -25,7 +26,7 @@ from vidiff.train.checkpoint import load_vae
 
 class Objective(Protocol):
     def build_model(self) -> nn.Module: ...
-    def loss(self, engine, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, engine, batch: dict, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]: ...
     def before_export(self, module: nn.Module) -> None: ...
     def evaluate(self, engine, batches: list[dict]) -> tuple[dict[str, float], np.ndarray | None]: ...
 
@@ -41,9 +42,9 @@ class VAEObjective:
     def build_model(self) -> nn.Module:
         return VideoVAE(self.cfg.vae)
 
-    def loss(self, engine, batch, generator):
+    def loss(self, engine, batch, seeds):
         video = batch["video"]                                              # (B, 3, T, H, W)
-        recon, mean, logvar = engine(video, generator=generator)
+        recon, mean, logvar = engine(video, generator=torch.Generator().manual_seed(seeds[0]))
         l1, mse = (recon - video).abs().mean(), (recon - video).pow(2).mean()
         kl = kl_divergence(mean, logvar)
         moments = torch.stack([mean.detach().mean((0, 2, 3, 4)), mean.detach().pow(2).mean((0, 2, 3, 4))])
@@ -79,6 +80,12 @@ class VAEObjective:
         module.latent_scale.copy_(scale)
 
 
+def build_denoiser(cfg: RunConfig, latent_channels: int, text_dim: int) -> nn.Module:
+    """The trained network of a DiT run: the EDM-preconditioned DiT."""
+    net = DiT(cfg.model, latent_channels, text_dim, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    return Precond(net, cfg.edm.sigma_data)
+
+
 class DiTObjective:
     """EDM loss on latents of the frozen VAE, conditioned on text (the loader drops captions for guidance)."""
 
@@ -88,9 +95,7 @@ class DiTObjective:
         self.vae = load_vae(cfg.vae.checkpoint)
 
     def build_model(self) -> nn.Module:
-        net = DiT(self.cfg.model, self.vae.cfg.latent_channels, self.text.dim,
-                  activation_checkpointing=self.cfg.parallel.activation_checkpointing)
-        return Precond(net, self.cfg.edm.sigma_data)
+        return build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
 
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings: cached in latent shards where present; a dropped (empty) caption has no valid
@@ -102,13 +107,19 @@ class DiTObjective:
         text[dropped], mask[dropped] = 0.0, False
         return text, mask
 
-    def loss(self, engine, batch, generator):
+    def diffusion_inputs(self, batch: dict, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """x0 (B, z, T', h, w), sigma (B,), noise like x0, text (B, L, Dt), text_mask (B, L)."""
         text, text_mask = self._text(batch)
         # Latent shards (vidiff cache-latents) skip the VAE; raw clips are encoded here.
         x0 = batch["latent"] if "latent" in batch else self.vae.encode(batch["video"])   # (B, z, T', h, w)
-        edm = self.cfg.edm
-        loss = edm_loss(engine, x0, edm.sigma_data, edm.P_mean, edm.P_std, generator,
-                        text=text, text_mask=text_mask)
+        sigma, noise = sample_noise(x0, seeds, self.cfg.edm.P_mean, self.cfg.edm.P_std)
+        device = x0.device
+        return {"x0": x0, "sigma": sigma, "noise": noise, "text": text.to(device), "text_mask": text_mask.to(device)}
+
+    def loss(self, engine, batch, seeds):
+        d = self.diffusion_inputs(batch, seeds)
+        loss = edm_loss(engine, d["x0"], d["sigma"], d["noise"], self.cfg.edm.sigma_data, text=d["text"],
+                        text_mask=d["text_mask"])
         return loss, {}
 
     def evaluate(self, engine, batches):

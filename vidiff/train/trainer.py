@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -17,10 +18,16 @@ import torch.distributed as dist
 
 from vidiff.config import RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
+from vidiff.models.dit import count_parameters, training_flops_per_token
+from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
+from vidiff.parallel.layout import make_layout
+from vidiff.parallel.pipeline import build_pipeline_engine, pipeline_step
+from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.train import checkpoint
 from vidiff.train.checkpoint import CONFIG_NAME
-from vidiff.train.monitor import Monitor
+from vidiff.train.ema import EMA
+from vidiff.train.monitor import Monitor, peak_tflops
 from vidiff.train.objectives import build_objective
 
 
@@ -51,6 +58,9 @@ def init_distributed() -> tuple[int, int]:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     if not torch.cuda.is_available():               # ranks on one CPU share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # DeepSpeed's CPU accelerator counts devices from LOCAL_SIZE, or else runs `numactl` (a subprocess)
+        # on every ZeRO-3 gradient reduction.
+        os.environ.setdefault("LOCAL_SIZE", str(local_world))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -85,14 +95,44 @@ def held_out_batches(cfg: RunConfig, device: torch.device) -> list[dict]:
         return []
     eval_cfg = cfg.data.model_copy(update={"shards": cfg.data.eval_shards, "random_start": False,
                                            "caption_dropout": 0.0, "num_workers": 0, "image_fraction": 0.0})
-    loader = ShardLoader(eval_cfg, rank=0, world_size=1, seed=cfg.seed)
+    loader = ShardLoader(eval_cfg, rank=0, world_size=1, seed=cfg.seed, batch_size=cfg.parallel.micro_batch)
     return [{**b, "video": to_model_input(b["video"], device)} for b in islice(loader, cfg.train.eval_batches)]
+
+
+def sample_seeds(seed: int, step: int, position: int, n: int) -> list[int]:
+    """One seed per sample of the micro-batch at `position` among the step's micro-batches (position =
+    micro-step x data-parallel ranks + data-parallel rank: the loader's batch order), so each sample's noise is
+    the same under any layout that trains the same global batch."""
+    base = (seed * 1_000_003 + step) * 1_000_003 + position * 1009
+    return [base + i for i in range(n)]
+
+
+def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99),
+                                  weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+
+
+def _prepare(batch: dict, device: torch.device) -> dict:
+    if "video" in batch:
+        batch["video"] = to_model_input(batch["video"], device)
+    for key in ("latent", "text", "text_mask"):                # from latent shards
+        if key in batch:
+            batch[key] = batch[key].to(device)
+    return batch
+
+
+def _tokens(batch: dict, cfg: RunConfig) -> tuple[int, tuple[int, int, int]]:
+    """Latent tokens the DiT sees in a batch, and their grid (T', H', W')."""
+    frames, height, width = (int(n) for n in batch["bucket"].split("x"))
+    pt, ph, pw = cfg.model.patch_size
+    grid = (latent_frames(frames) // pt, height // SPATIAL_FACTOR // ph, width // SPATIAL_FACTOR // pw)
+    return len(batch["key"]) * math.prod(grid), grid
 
 
 def train(cfg: RunConfig) -> Path:
     """Train cfg.task for cfg.train.steps steps; returns the run folder."""
-    import deepspeed
-
+    layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
     rank, world = init_distributed()
     run_dir = Path(cfg.out_dir)
     if rank == 0:
@@ -101,19 +141,19 @@ def train(cfg: RunConfig) -> Path:
 
     seed_everything(cfg.seed)                       # identical initial weights on every rank
     objective = build_objective(cfg)
-    ds_config = deepspeed_config(cfg)
-    # Built whole on every rank, then sharded by deepspeed.initialize (ZeRO-3 partitions it there).
-    model = objective.build_model()
+    ds_config = deepspeed_config(cfg, layout)
+    if layout.kind == "pipeline":
+        engine, schedule = build_pipeline_engine(cfg, layout, objective.build_model, ds_config, make_optimizer)
+    else:
+        engine, schedule = build_sharded_engine(cfg, layout, objective.build_model, ds_config, make_optimizer)
+    with torch.device("meta"):                      # the whole model's size, however it is split over ranks
+        parameters = count_parameters(objective.build_model())
     if rank == 0:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{cfg.task} model: {trainable / 1e6:.1f}M trainable parameters")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                  betas=(0.9, 0.99), weight_decay=cfg.train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
-    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          lr_scheduler=schedule, config=ds_config)
+        print(f"{cfg.task} model: {parameters / 1e6:.1f}M trainable parameters; {layout.describe()}")
+    ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-    loader = ShardLoader(cfg.data, rank, world, cfg.seed)
+    _, dp_rank, _ = layout.coordinates(rank)
+    loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch)
     start_step, samples_seen = 0, 0
     skipped_before: Counter[str] = Counter()      # runtime skips of earlier runs, all ranks summed
     state = checkpoint.resume(engine, run_dir)
@@ -123,33 +163,55 @@ def train(cfg: RunConfig) -> Path:
         skipped_before.update(state.get("skipped", {}))
         if state.get("config_digest") != cfg.digest() and rank == 0:
             print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
-    generator = torch.Generator()
+        if ema is not None and not ema.load(checkpoint.ema_path(checkpoint.latest_tag(run_dir), rank)) and rank == 0:
+            print("note: no EMA for this layout in the checkpoint; the EMA restarts from the weights")
 
+    peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
     eval_batches = held_out_batches(cfg, engine.device)
     monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
+    if cfg.task == "dit":
+        monitor.message(f"perf/mfu against {peak:.3g} TFLOP/s per rank ({peak_source})")
     if state is not None:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
     for step in range(start_step + 1, cfg.train.steps + 1):
-        batch = next(loader)
-        if "video" in batch:
-            batch["video"] = to_model_input(batch["video"], engine.device)
-        for key in ("latent", "text", "text_mask"):            # from latent shards
-            if key in batch:
-                batch[key] = batch[key].to(engine.device)
-        generator.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)    # a restart replays the same noise
-        loss, extra = objective.loss(engine, batch, generator)
-        if batch["padding"]:                       # every sample of this rank's batch was unusable
-            loss = loss * 0.0
-        engine.backward(loss)
-        engine.step()
+        micro_batches = [_prepare(next(loader), engine.device) for _ in range(layout.accumulation)]
+        seeds = [sample_seeds(cfg.seed, step, j * layout.data + dp_rank, len(b["caption"]))
+                 for j, b in enumerate(micro_batches)]
+        if layout.kind == "pipeline":
+            loss, extra = pipeline_step(engine, objective, micro_batches, seeds), {}
+        else:
+            losses = []
+            for batch, batch_seeds in zip(micro_batches, seeds):
+                loss, extra = objective.loss(engine, batch, batch_seeds)
+                if batch["padding"]:               # every sample of this micro-batch was unusable
+                    loss = loss * 0.0
+                engine.backward(loss)
+                engine.step()                      # DeepSpeed steps the optimizer after the last micro-batch
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+        if ema is not None:
+            ema.update()
         seconds = monitor.step_seconds()
-        loss_mean, samples = _sum_over_ranks(torch.tensor([loss.item(), len(batch["key"])]))
+        tokens, flops = 0.0, 0.0
+        if cfg.task == "dit":
+            for batch in micro_batches:
+                n, grid = _tokens(batch, cfg)
+                tokens += n
+                flops += n * training_flops_per_token(cfg.model, parameters, grid, cfg.text.max_tokens)
+        # Every rank of a tensor-parallel group saw the same data: sum over one rank per group.
+        first_of_group = 1.0 if rank % layout.tensor == 0 and (layout.kind == "sharded" or
+                                                               layout.coordinates(rank)[0] == 0) else 0.0
+        loss_sum, samples, tokens, flops = _sum_over_ranks(torch.tensor([
+            loss.item() * first_of_group, sum(len(b["key"]) for b in micro_batches) * first_of_group,
+            tokens * first_of_group, flops * first_of_group]))
         samples_seen += int(samples)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            perf = {"perf/tokens_per_s": tokens / seconds,
+                    "perf/mfu": flops / seconds / (peak * 1e12 * world)} if cfg.task == "dit" else {}
             monitor.log(step, {
-                "train/loss": loss_mean / world, "train/lr": schedule.get_last_lr()[0],
+                "train/loss": loss_sum / layout.data, "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "perf/samples_per_s": samples / seconds, "perf/step_seconds": seconds,
+                "perf/samples_per_s": samples / seconds, "perf/step_seconds": seconds, **perf,
                 **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before).items()}, **extra,
             })
         monitor.advance()
@@ -163,8 +225,9 @@ def train(cfg: RunConfig) -> Path:
             objective.before_export(engine.module)
             tag_dir = checkpoint.save(engine, run_dir, step, {
                 "samples_seen": samples_seen, "data": loader.state_dict(), "world_size": world,
+                "layout": dataclasses.asdict(layout),
                 "skipped": _runtime_skips(loader, skipped_before), "config_digest": cfg.digest(),
-            })
+            }, layout, ema)
             monitor.message(f"step {step}: checkpoint {tag_dir}")
     monitor.close()
     dist.barrier()

@@ -1,0 +1,169 @@
+"""The pipeline layout: the DiT as a DeepSpeed PipelineModule over a pipe x data x tensor topology, ZeRO <= 1
+(DeepSpeed's pipeline engine refuses ZeRO-2/3), explicit tensor-parallel layers (AutoTP does not know stages).
+
+Layers: embed (patches, noise and text conditioning), one layer per DiT block, the final layer; stages get
+whole blocks (partition_method type:BlockLayer). Between stages flows the tuple (tokens (B, T', N, D),
+c (B, D), context (B, L, D), text mask (B, L) int, token grid (3,) int): the pipeline engine sends a gradient
+back for every float tensor, so c and context get theirs from every stage that used them. The last stage
+turns F into the EDM denoiser and loss, from labels (x0, noisy x, sigma, weight).
+
+Every rank builds the whole DiT from the run seed and keeps its stage's layers (and tensor-parallel slices),
+so the initial weights equal a single-process run's.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vidiff.config import DiTConfig, RunConfig
+from vidiff.diffusion.edm import noised, scalings, weighted_error
+from vidiff.models.dit import Embed, FinalLayer, rope_sequences, unpatchify
+from vidiff.parallel.layout import Layout
+from vidiff.parallel.tensor import split_block, split_dim
+
+
+class EmbedLayer(nn.Module):
+    """(noisy x, sigma, text, text_mask) -> the block inputs, with EDM's c_in and c_noise applied."""
+
+    def __init__(self, embed: Embed, sigma_data: float):
+        super().__init__()
+        self.embed, self.sigma_data = embed, sigma_data
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, sigma, text, text_mask = inputs
+        _, _, c_in, c_noise = scalings(sigma, x, self.sigma_data)
+        tokens, c, context, mask, grid = self.embed(c_in * x, c_noise, text, text_mask.bool())
+        return tokens, c, context, mask.long(), torch.tensor(grid)
+
+
+class BlockLayer(nn.Module):
+    """One DiT block (its projections split over the tensor-parallel group when there is one)."""
+
+    def __init__(self, block: nn.Module, cfg: DiTConfig, tp_group, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.block = split_block(block, tp_group, tp_rank, tp_size) if tp_size > 1 else block
+        self.head_dim, self.full = cfg.hidden_size // cfg.num_heads, cfg.attention == "full"
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, c, context, mask, grid = inputs
+        rope_s, rope_t = rope_sequences(*grid.tolist(), self.head_dim, self.full, x.shape[0], x.device)
+        return self.block(x, c, context, mask.bool(), rope_s, rope_t), c, context, mask, grid
+
+
+class HeadLayer(nn.Module):
+    """The final layer: tokens -> F (B, C, T, H, W)."""
+
+    def __init__(self, final: FinalLayer, patch: tuple[int, int, int]):
+        super().__init__()
+        self.final, self.patch = final, patch
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, c, _, _, grid = inputs
+        return unpatchify(self.final(x, c), tuple(grid.tolist()), self.patch)
+
+
+def pipeline_loss(F_x: torch.Tensor, labels: tuple[torch.Tensor, ...], sigma_data: float) -> torch.Tensor:
+    """D = c_skip x + c_out F, then the EDM loss; weight 0 marks a micro-batch whose samples all failed."""
+    x0, x, sigma, weight = labels
+    c_skip, c_out, _, _ = scalings(sigma, x, sigma_data)
+    return weighted_error(c_skip * x + c_out * F_x.to(x.dtype), x0, sigma, sigma_data) * weight
+
+
+def tensor_group(topology, rank: int):
+    """This rank's tensor-parallel group (every rank creates every group, in the same order)."""
+    mine = None
+    for ranks in topology.get_axis_comm_lists("model"):
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_pipeline_engine(cfg: RunConfig, layout: Layout, build_model, ds_config: dict, make_optimizer):
+    import deepspeed
+    from deepspeed import checkpointing
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+    rank = dist.get_rank()
+    tp_group = tensor_group(topology, rank)
+    tp_rank = layout.coordinates(rank)[2]
+    model = build_model()                 # Precond(DiT): the whole model, from the run seed
+    dit, sigma_data = model.net, model.sigma_data
+    specs = [LayerSpec(EmbedLayer, dit.embed, sigma_data),
+             *[LayerSpec(BlockLayer, block, dit.cfg, tp_group, tp_rank, layout.tensor) for block in dit.blocks],
+             LayerSpec(HeadLayer, dit.final, dit.cfg.patch_size)]
+    # Stage inputs are a tuple with several float tensors: DeepSpeed's default (reentrant) checkpoint breaks
+    # on it, the non-reentrant one recomputes exactly. Several buckets change shapes between micro-batches.
+    module = PipelineModule(specs, topology=topology, loss_fn=partial(pipeline_loss, sigma_data=sigma_data),
+                            partition_method="type:BlockLayer",
+                            activation_checkpoint_interval=int(cfg.parallel.activation_checkpointing),
+                            activation_checkpoint_func=checkpointing.non_reentrant_checkpoint,
+                            dynamic_shape=len(cfg.data.buckets) > 1)
+    module.tp_group = tp_group                      # for export: joining the tensor-parallel slices
+    module.num_blocks = dit.cfg.depth
+    optimizer, schedule = make_optimizer(module.parameters(), cfg.train)
+    engine, _, _, schedule = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=ds_config)
+    return engine, schedule
+
+
+def pipeline_step(engine, objective, micro_batches: list[dict], seeds: list[list[int]]) -> torch.Tensor:
+    """One optimizer step over the micro-batches through engine.train_batch; the loss (mean over
+    micro-batches and data-parallel ranks) on every rank."""
+    items = []
+    for batch, batch_seeds in zip(micro_batches, seeds):
+        d = objective.diffusion_inputs(batch, batch_seeds)
+        x = noised(d["x0"], d["sigma"], d["noise"])
+        weight = torch.tensor(0.0 if batch["padding"] else 1.0)
+        items.append(((x, d["sigma"], d["text"], d["text_mask"].long()), (d["x0"], x, d["sigma"], weight)))
+    return engine.train_batch(iter(items))
+
+
+# ---- export: stage layers and tensor-parallel slices -> one state dict with the DiT's names ----
+
+def _dit_name(name: str, depth: int) -> str:
+    """'3.block.attn_s.q.weight' (PipelineModule layer 3) -> 'net.blocks.2.attn_s.q.weight' (Precond(DiT))."""
+    index, inner = name.split(".", 1)
+    index = int(index)
+    if index == 0:
+        return "net." + inner                       # 'embed.x_embed.weight'
+    if index == depth + 1:
+        return "net." + inner                       # 'final.linear.weight'
+    return f"net.blocks.{index - 1}." + inner.removeprefix("block.")
+
+
+def export_pipeline(engine, path: Path, layout: Layout) -> None:
+    """Write the whole model's weights to path (every rank calls): tensor-parallel slices are joined within
+    each stage, each stage's first rank writes a part, rank 0 merges the parts."""
+    rank = dist.get_rank()
+    stage, dp, tp = layout.coordinates(rank)
+    depth = engine.module.num_blocks
+    state = {}
+    for name, tensor in engine.module.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.float32)
+        dim = split_dim(name)
+        if dim is not None and layout.tensor > 1:
+            parts = [torch.empty_like(tensor) for _ in range(layout.tensor)]
+            dist.all_gather(parts, tensor.contiguous(), group=engine.module.tp_group)
+            tensor = torch.cat(parts, dim=dim)
+        state[_dit_name(name, depth)] = tensor.contiguous()
+    part = path.with_name(f".{path.stem}.stage{stage}.safetensors")
+    if dp == 0 and tp == 0:
+        save_file(state, str(part))
+    dist.barrier()
+    if rank == 0:
+        merged = {}
+        for s in range(layout.pipeline):
+            stage_part = path.with_name(f".{path.stem}.stage{s}.safetensors")
+            merged.update(load_file(str(stage_part)))
+            stage_part.unlink()
+        save_file(merged, str(path))
+    dist.barrier()
