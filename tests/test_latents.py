@@ -22,8 +22,9 @@ def test_latent_shards_round_trip_and_resume(tmp_path):
     assert len(written) == 3                                   # one latent shard per input shard
     write_index(out)
 
-    raw = ShardLoader(cfg.data.model_copy(update={"random_start": False}), 0, 1, seed=0, batch_size=cfg.parallel.micro_batch)
-    cached = ShardLoader(cfg.data.model_copy(update={"shards": str(out)}), 0, 1, seed=0, batch_size=cfg.parallel.micro_batch)
+    batch = cfg.parallel.micro_batch
+    raw = ShardLoader(cfg.data.model_copy(update={"random_start": False}), 0, 1, seed=0, batch_size=batch)
+    cached = ShardLoader(cfg.data.model_copy(update={"shards": str(out)}), 0, 1, seed=0, batch_size=batch)
     assert cached.steps_per_epoch() == raw.steps_per_epoch()
     a, b = next(raw), next(cached)
     assert a["key"] == b["key"] and a["caption"] == b["caption"]

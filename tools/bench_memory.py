@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import batch, build_engine, forward_backward, launch, run_config  # noqa: E402
+from benchlib import batch, build_engine, forward_backward, launch, parse_with_worker, run_config  # noqa: E402
 
 from vidiff.models.dit import count_parameters  # noqa: E402
 
@@ -75,10 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="S", choices=["S", "B", "L", "XL"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_with_worker(parser)
     if args.worker:
         return worker(args)
     results, parameters = {}, 0
@@ -90,7 +87,8 @@ def main() -> None:
             parameters = found["parameters"]
             ideal = 16 * parameters / ranks
             worst = max(found["per_rank"])
-            results[ranks] = {"bytes_per_rank": worst, "ideal_bytes": round(ideal), "ratio_to_ideal": round(worst / ideal, 4),
+            results[ranks] = {"bytes_per_rank": worst, "ideal_bytes": round(ideal),
+                              "ratio_to_ideal": round(worst / ideal, 4),
                               "rank0": found["rank0"]}
             print(f"{ranks} ranks: {worst / 2**20:.1f} MiB per rank, ideal {ideal / 2**20:.1f} MiB, "
                   f"x{worst / ideal:.3f} ({found['rank0']})", file=sys.stderr)

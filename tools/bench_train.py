@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import TEXT_TOKENS, batch, build_engine, forward_backward, launch, run_config  # noqa: E402
+from benchlib import (TEXT_TOKENS, batch, build_engine, forward_backward, launch,  # noqa: E402
+                      parse_with_worker, run_config)
 
 from vidiff.models.dit import count_parameters, training_flops_per_token  # noqa: E402
 from vidiff.train.monitor import peak_tflops  # noqa: E402
@@ -75,17 +76,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_with_worker(parser)
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         forwarded = ["--preset", args.preset, "--precision", args.precision, "--micro-batch", str(args.micro_batch),
                      "--frames", str(args.frames), "--side", str(args.side), "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), "--out", str(out)] + (["--checkpointing"] if args.checkpointing else [])
+                     "--warmup", str(args.warmup), "--out", str(out)]
+        forwarded += ["--checkpointing"] if args.checkpointing else []
         launch(__file__, args.ranks, forwarded)
         result = json.loads(out.read_text())
     if not gpu:

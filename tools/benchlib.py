@@ -4,6 +4,7 @@ random 16-channel latents and 384-wide text tokens (the shapes of our VAE and Mi
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -25,8 +26,8 @@ LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS = 16, 384, 32
 
 def run_config(preset: str, precision: str, micro_batch: int, checkpointing: bool = False) -> RunConfig:
     # vae.checkpoint is only read by the DiT objective, which the benchmarks do not build.
-    return RunConfig(task="dit", vae={"checkpoint": "unused"}, model=DiTConfig(preset=preset), edm=EDMConfig(sigma_data=1.0),
-                     train=TrainConfig(lr=1e-4),
+    return RunConfig(task="dit", vae={"checkpoint": "unused"}, model=DiTConfig(preset=preset),
+                     edm=EDMConfig(sigma_data=1.0), train=TrainConfig(lr=1e-4),
                      parallel=ParallelConfig(micro_batch=micro_batch, precision=precision,
                                              activation_checkpointing=checkpointing))
 
@@ -57,6 +58,15 @@ def forward_backward(engine, cfg: RunConfig, d: dict[str, torch.Tensor]) -> torc
                     text_mask=d["text_mask"])
     engine.backward(loss)
     return loss
+
+
+def parse_with_worker(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmark's arguments plus the ones its ranks get: --worker, --out (rank 0's result file) and the
+    launcher's --local_rank."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args()
 
 
 def launch(script: str, ranks: int, args: list[str], timeout: float = 1800) -> None:

@@ -249,7 +249,8 @@ class _RankBatches(IterableDataset):
 
 
 class ShardLoader:
-    """Iterator of micro-batches (batch_size clips in the first bucket) {"video": uint8 (B, T, H, W, 3), "caption", "key", "epoch", "stream", "bucket",
+    """Iterator of micro-batches (batch_size clips in the first bucket) {"video": uint8 (B, T, H, W, 3), "caption",
+    "key", "epoch", "stream", "bucket",
     "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank).
     Videos stay uint8 (4x less to move between processes and to the GPU): see `to_model_input`."""
 
