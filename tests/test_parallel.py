@@ -4,6 +4,7 @@ against its unsplit twin, and 20 training steps of every layout against single-p
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_launcher_refuses_a_bad_layout_before_starting_ranks():
 
 
 def test_deepspeed_config_is_built_from_the_run_config():
-    cfg = _cfg("parallel.tensor=2", "parallel.precision=bf16", "parallel.global_batch=16",
+    cfg = _cfg("parallel.tensor=2", "parallel.precision=bf16", "parallel.global_batch=16", "model.hidden_size=2048",
                "deepspeed={zero_optimization: {stage3_max_live_parameters: 1000}, comms_logger: {enabled: true}}")
     ds = deepspeed_config(cfg, make_layout(cfg, world=4))
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
@@ -78,6 +79,7 @@ def test_deepspeed_config_is_built_from_the_run_config():
     hidden = cfg.model.hidden_size
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == hidden**2                # from the width
+    assert deepspeed_config(_cfg(), make_layout(_cfg(), 1))["zero_optimization"]["reduce_bucket_size"] == 1 << 20
     assert zero["stage3_max_live_parameters"] == 1000 and ds["comms_logger"] == {"enabled": True}   # passthrough
     assert ds["tensor_parallel"]["autotp_size"] == 2
     override = _cfg("deepspeed={zero_optimization: {reduce_bucket_size: 5}}")
@@ -182,7 +184,13 @@ def _latent_samples(n: int):
                "json": {"frames": 9, "height": 32, "width": 32, "fps": 8}}
 
 
+def _shm_workspaces() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def _train(tmp_path, name: str, ranks: int, overrides: list[str]) -> None:
+    """Train through the launcher; the run leaves no DeepSpeed shared-memory workspace behind (69 MB each)."""
+    before = _shm_workspaces()
     env = {**os.environ, "VIDIFF_PYTHON": sys.executable, "NPROC": str(ranks), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [str(REPO / "launchers/local.sh"), str(REPO / "configs/demo.yaml"), f"out_dir={tmp_path / name}",
@@ -193,6 +201,7 @@ def _train(tmp_path, name: str, ranks: int, overrides: list[str]) -> None:
          "parallel.global_batch=8", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert _shm_workspaces() <= before
 
 
 def _weights(run, name: str) -> dict[str, torch.Tensor]:
