@@ -55,6 +55,11 @@ def test_layout_sizes_and_rank_coordinates():
     assert make_layout(_cfg(), world=3).accumulation == 1          # default global batch: one micro-batch each
 
 
+def test_the_old_batch_size_key_says_where_it_went():
+    with pytest.raises(ConfigError, match="data.batch_size moved to parallel.micro_batch"):
+        _cfg("data.batch_size=4")
+
+
 def test_pipeline_needs_zero_1():
     with pytest.raises(ConfigError, match="pipeline layout runs ZeRO stage 1"):
         _cfg("parallel.pipeline=2", "parallel.zero_stage=3")

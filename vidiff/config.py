@@ -44,6 +44,14 @@ class DataConfig(_Section):
     seed: int | None = None                   # shuffling seed; defaults to the run's seed
     eval_shards: str | None = None            # held-out shards for train.eval_every (first clips, fixed start)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "batch_size" in data:
+            raise ValueError("data.batch_size moved to parallel.micro_batch (clips per data-parallel rank per "
+                             "micro-step); parallel.global_batch sets the clips per optimizer step")
+        return data
+
     @field_validator("buckets")
     @classmethod
     def _valid_buckets(cls, buckets: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -169,7 +177,7 @@ class TrainConfig(_Section):
 class ParallelConfig(_Section):
     """How the run is laid out over ranks (checked against the world size in parallel/layout.py).
     pipeline == 1: the sharded layout (ZeRO-3, tensor parallelism by DeepSpeed AutoTP);
-    pipeline > 1: the pipeline layout (PipelineModule, explicit tensor-parallel layers, ZeRO <= 1)."""
+    pipeline > 1: the pipeline layout (PipelineModule, explicit tensor-parallel layers, ZeRO-1)."""
     tensor: int = Field(1, ge=1)              # tensor-parallel ranks (split attention heads and MLP width)
     pipeline: int = Field(1, ge=1)            # pipeline stages (DiT blocks split over them)
     micro_batch: int = Field(2, ge=1)         # clips per data-parallel rank per micro-step (first bucket)

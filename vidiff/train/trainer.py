@@ -116,8 +116,7 @@ def sample_seeds(seed: int, step: int, position: int, n: int) -> list[int]:
     """One seed per sample of the micro-batch at `position` among the step's micro-batches (position =
     micro-step x data-parallel ranks + data-parallel rank: the loader's batch order), so each sample's noise is
     the same under any layout that trains the same global batch."""
-    base = (seed * 1_000_003 + step) * 1_000_003 + position * 1009
-    return [base + i for i in range(n)]
+    return [int(np.random.SeedSequence([seed, step, position, i]).generate_state(1, np.uint64)[0]) for i in range(n)]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
