@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
+from conftest import REPO, run_vidiff
 from vidiff.config import ConfigError, RunConfig, VAEConfig, load_config, save_config
 from vidiff.data.latents import npy_bytes
 from vidiff.data.shards import write_shards
@@ -73,6 +73,12 @@ def test_launcher_refuses_a_bad_layout_before_starting_ranks():
     assert result.returncode == 2
     assert "world size 3 is not divisible" in result.stderr
     assert "spawned" not in result.stdout + result.stderr                 # no rank was started
+
+
+def test_check_refuses_a_passthrough_key_that_parallel_owns():
+    result = run_vidiff("check", "--world-size", "2", str(DEMO), "deepspeed={zero_optimization: {stage: 2}}")
+    assert result.returncode == 2
+    assert "deepspeed.zero_optimization.stage is set from parallel.zero_stage" in result.stderr
 
 
 def test_deepspeed_config_is_built_from_the_run_config():

@@ -30,11 +30,15 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def _layout(cfg: RunConfig, world: int, config: str):
-    """The run's parallel layout on `world` ranks; a layout that cannot run exits 2 with the reason."""
+    """The run's parallel layout on `world` ranks, its DeepSpeed config built once to check the `deepspeed:`
+    passthrough; a layout or passthrough that cannot run exits 2 with the reason."""
+    from vidiff.parallel.deepspeed import deepspeed_config
     from vidiff.parallel.layout import make_layout
 
     try:
-        return make_layout(cfg, world)
+        layout = make_layout(cfg, world)
+        deepspeed_config(cfg, layout)
+        return layout
     except ConfigError as exc:
         print(f"vidiff: bad parallel layout in {config}\n{exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)

@@ -28,6 +28,7 @@ class Layout:
     pipeline: int
     micro_batch: int
     global_batch: int
+    kind: str                     # "sharded" | "pipeline" (the rule lives in ParallelConfig.layout)
 
     @property
     def data(self) -> int:
@@ -38,10 +39,6 @@ class Layout:
     def accumulation(self) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         return self.global_batch // (self.micro_batch * self.data)
-
-    @property
-    def kind(self) -> str:
-        return "pipeline" if self.pipeline > 1 else "sharded"
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """(pipeline stage, data-parallel rank, tensor-parallel rank) of a global rank."""
@@ -83,4 +80,4 @@ def make_layout(cfg: RunConfig, world: int) -> Layout:
         raise LayoutError(
             f"parallel.global_batch {global_batch} is not divisible by parallel.micro_batch x data-parallel ranks = "
             f"{par.micro_batch} x {data} = {per_step}; valid global batches are multiples of {per_step}")
-    return Layout(world, par.tensor, par.pipeline, par.micro_batch, global_batch)
+    return Layout(world, par.tensor, par.pipeline, par.micro_batch, global_batch, par.layout)

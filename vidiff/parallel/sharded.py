@@ -24,20 +24,17 @@ def build_sharded_engine(cfg: RunConfig, layout: Layout, build_model, ds_config:
     return engine, schedule
 
 
-def share_fp32_master(optimizer) -> int:
+def share_fp32_master(optimizer) -> None:
     """Let ZeRO-3's fp32 master partitions be the parameter partitions themselves when both are fp32 on the
-    same device; returns the bytes freed on this rank.
+    same device.
 
     DeepSpeed means to skip the master copy in that case (stage3._create_fp32_partitions) but compares the
     tensor's torch.device with the accelerator's device *name*, a str ('cpu', 'cuda:0'), which is never equal,
     so fp32 training keeps two copies: 20 bytes per parameter instead of 16. Adam then updates the shared
     storage in place and DeepSpeed's copy of master into parameters becomes a copy onto itself."""
-    freed = 0
     for flat, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", []),
                             getattr(optimizer, "fp32_partitioned_groups_flat", [])):
         if (flat.dtype == master.dtype and flat.device == master.device and flat.shape == master.shape
                 and flat.untyped_storage().data_ptr() != master.untyped_storage().data_ptr()):
-            freed += master.untyped_storage().nbytes()
             master.data = flat.data
-    return freed
 

@@ -164,7 +164,10 @@ def train(cfg: RunConfig) -> Path:
         print(f"{cfg.task} model: {parameters / 1e6:.1f}M trainable parameters; {layout.describe()}")
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-    _, dp_rank, _ = layout.coordinates(rank)
+    stage, dp_rank, tp_rank = layout.coordinates(rank)
+    # Every rank of a tensor-parallel group sees the same data (and every stage of a pipeline the same
+    # micro-batches): throughput and loss are summed over one rank each.
+    counts_once = 1.0 if stage == 0 and tp_rank == 0 else 0.0
     loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch)
     start_step, samples_seen = 0, 0
     skipped_before: Counter[str] = Counter()      # runtime skips of earlier runs, all ranks summed
@@ -178,10 +181,10 @@ def train(cfg: RunConfig) -> Path:
         if ema is not None and not ema.load(checkpoint.ema_path(checkpoint.latest_tag(run_dir), rank)) and rank == 0:
             print("note: no EMA for this layout in the checkpoint; the EMA restarts from the weights")
 
-    peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
     eval_batches = held_out_batches(cfg, engine.device)
     monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
-    if cfg.task == "dit":
+    if cfg.task == "dit":                           # perf/mfu: the DiT's FLOPs are counted (models/dit.py)
+        peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
         monitor.message(f"perf/mfu against {peak:.3g} TFLOP/s per rank ({peak_source})")
     if state is not None:
         monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
@@ -210,12 +213,8 @@ def train(cfg: RunConfig) -> Path:
                 n, grid = _tokens(batch, cfg)
                 tokens += n
                 flops += n * training_flops_per_token(cfg.model, parameters, grid, cfg.text.max_tokens)
-        # Every rank of a tensor-parallel group saw the same data: sum over one rank per group.
-        first_of_group = 1.0 if rank % layout.tensor == 0 and (layout.kind == "sharded" or
-                                                               layout.coordinates(rank)[0] == 0) else 0.0
-        loss_sum, samples, tokens, flops = _sum_over_ranks(torch.tensor([
-            loss.item() * first_of_group, sum(len(b["key"]) for b in micro_batches) * first_of_group,
-            tokens * first_of_group, flops * first_of_group]))
+        loss_sum, samples, tokens, flops = _sum_over_ranks(counts_once * torch.tensor([
+            loss.item(), sum(len(b["key"]) for b in micro_batches), tokens, flops]))
         samples_seen += int(samples)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             perf = {"perf/tokens_per_s": tokens / seconds,
