@@ -246,6 +246,37 @@ def test_epochs_reshuffle_and_caption_dropout_is_seeded(tmp_path):
     replay = ShardLoader(_cfg(folder, image_fraction=0.0, caption_dropout=0.5), 0, 1, seed=0, batch_size=2)
     assert [c for _ in range(per_epoch) for c in next(replay)["caption"]] == captions
 
+def test_augmentations_are_seeded_per_sample_and_epoch(tmp_path):
+    folder = write_mixed(tmp_path / "s")
+    kw = {"image_fraction": 0.0, "buckets": [(9, 32, 32)]}
+    plain = ShardLoader(_cfg(folder, **kw), 0, 1, seed=0, batch_size=2)
+    steps = 2 * plain.steps_per_epoch()
+    augment = ["hflip", "vflip", "rot90", "reverse"]
+    batches = [ShardLoader(_cfg(folder, augment=augment, **kw), 0, 1, seed=0, batch_size=2) for _ in range(2)]
+    variants = {name: lambda v, axis=axis: v.flip(axis)                # v: (T, H, W, 3)
+                for name, axis in (("reverse", 0), ("vflip", 1), ("hflip", 2))}
+    variants["rot90"] = lambda v: v.rot90(1, (1, 2))
+    applied = Counter()
+    for _ in range(steps):
+        base, augmented, replay = next(plain), next(batches[0]), next(batches[1])
+        assert base["key"] == augmented["key"]                          # the same samples in the same order
+        assert torch.equal(augmented["video"], replay["video"])         # seeded: a restart sees the same
+        for clip, out in zip(base["video"], augmented["video"]):
+            # Which of the 16 combinations was applied: one of them reproduces the output.
+            matches = []
+            for mask in range(16):
+                names = [n for i, n in enumerate(augment) if mask >> i & 1]
+                v = clip
+                for name in names:
+                    v = variants[name](v)
+                if torch.equal(v, out):
+                    matches.append(names)
+            assert matches, "the augmented clip is no flip/rotation/reversal of the plain one"
+            applied.update(matches[0])
+    assert all(applied[n] > 0 for n in augment) and applied["hflip"] < steps * 2   # a coin flip, not always
+    with pytest.raises(ValueError, match="rot90 needs square buckets"):
+        DataConfig(buckets=[(9, 32, 48)], augment=["rot90"])
+
 # --------------------------------------------------------------------------------------- bad input
 
 def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):

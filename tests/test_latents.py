@@ -1,5 +1,6 @@
 """Latent shards: what cache-latents writes is what the loader reads back; a rerun skips finished shards."""
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -7,7 +8,7 @@ from datasets import write_mixed
 from vidiff.config import load_config
 from vidiff.data.latents import cache_latents
 from vidiff.data.pipeline import ShardLoader, to_model_input
-from vidiff.data.shards import write_index
+from vidiff.data.shards import ShardError, write_index
 from vidiff.models.vae import VideoVAE
 
 
@@ -36,3 +37,7 @@ def test_latent_shards_round_trip_and_resume(tmp_path):
     written[1].unlink()
     again = cache_latents(cfg, out, vae)
     assert again == [written[1]] and first.stat().st_mtime_ns == stamp     # only the missing shard redone
+
+    with pytest.raises(ShardError, match=r"data.augment \['hflip'\] transforms pixels.*holds latents"):
+        ShardLoader(cfg.data.model_copy(update={"shards": str(out), "augment": ["hflip"]}), 0, 1, seed=0,
+                    batch_size=batch)

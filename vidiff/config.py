@@ -43,6 +43,9 @@ class DataConfig(_Section):
     decode_threads: int = Field(1, ge=1)      # PyAV threads per worker (workers x threads <= cores)
     seed: int | None = None                   # shuffling seed; defaults to the run's seed
     eval_shards: str | None = None            # held-out shards for train.eval_every (first clips, fixed start)
+    # Pixel augmentations, each applied to a sample with probability 1/2, seeded by (seed, epoch, sample) so a
+    # resumed run sees the same: hflip, vflip, rot90 (square buckets only), reverse (time; clips only).
+    augment: list[Literal["hflip", "vflip", "rot90", "reverse"]] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -73,6 +76,8 @@ class DataConfig(_Section):
             raise ValueError(f"image_fraction {self.image_fraction} needs a 1-frame (image) bucket in buckets")
         if self.image_fraction < 1 and all(f == 1 for f in frames):
             raise ValueError("buckets hold only images (frames 1); set image_fraction: 1.0 or add a video bucket")
+        if "rot90" in self.augment and any(h != w for _, h, w in self.buckets):
+            raise ValueError(f"augment rot90 needs square buckets (it swaps height and width), got {self.buckets}")
         return self
 
     @property
@@ -85,6 +90,9 @@ class VAEConfig(_Section):
     latent_channels: int = Field(16, ge=1)
     base_channels: int = Field(64, ge=8)      # width of the first level; doubles twice
     kl_weight: float = Field(1e-6, ge=0.0)
+    # VAE runs: the linear block path is the PCA of this many training micro-batches' blocks, frozen, and
+    # training learns the convolutional residuals on top (0: the linear path is randomly initialized and trained).
+    pca_init_batches: int = Field(0, ge=0)
     chunk_frames: int = Field(16, ge=4)       # encode/decode in causal chunks of this many frames (multiple of 4)
     tile_size: int = Field(0, ge=0)           # spatial tiles of this many pixels for large frames (0: whole frame)
     tile_overlap: int = Field(32, ge=8)       # pixels shared by neighbouring tiles, blended linearly

@@ -34,7 +34,8 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
     """Encode this rank's share of cfg.data.shards into OUT/latents-<shard>.tar; returns the shards written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_cfg = cfg.data.model_copy(update={"random_start": False, "caption_dropout": 0.0, "num_workers": 0})
+    data_cfg = cfg.data.model_copy(update={"random_start": False, "caption_dropout": 0.0, "num_workers": 0,
+                                         "augment": []})
     loader = ShardLoader(data_cfg, 0, 1, cfg.seed, batch_size=cfg.parallel.micro_batch)
     reader = loader.dataset()
     by_shard: dict[Path, list] = {}                  # usable samples of both streams, by input shard

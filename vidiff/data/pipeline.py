@@ -239,13 +239,24 @@ class _RankBatches(IterableDataset):
         if kind == "latent":
             return load_npy(data)
         if kind == "image":
-            return decode_image(data, bucket.height, bucket.width)
-        stride = sample_stride(self.cfg, ref.meta)
-        spare = ref.meta["frames"] - frames_needed(bucket, stride)
-        start = int(unit_hash(self.seed, epoch, ref.shard.name, ref.key, "start") * (spare + 1)) \
-            if self.cfg.random_start and spare > 0 else 0
-        return decode_clip(data, bucket.frames, bucket.height, bucket.width, stride, start,
-                           self.cfg.decode_threads)
+            frames = decode_image(data, bucket.height, bucket.width)
+        else:
+            stride = sample_stride(self.cfg, ref.meta)
+            spare = ref.meta["frames"] - frames_needed(bucket, stride)
+            start = int(unit_hash(self.seed, epoch, ref.shard.name, ref.key, "start") * (spare + 1)) \
+                if self.cfg.random_start and spare > 0 else 0
+            frames = decode_clip(data, bucket.frames, bucket.height, bucket.width, stride, start,
+                                 self.cfg.decode_threads)
+        return self.augmented(frames, ref, epoch)
+
+    def augmented(self, frames: np.ndarray, ref: SampleRef, epoch: int) -> np.ndarray:
+        """(T, H, W, 3) with each of data.augment applied on a seeded coin flip per (epoch, sample)."""
+        axes = {"hflip": 2, "vflip": 1, "reverse": 0}
+        for name in self.cfg.augment:
+            if unit_hash(self.seed, epoch, ref.shard.name, ref.key, name) >= 0.5:
+                continue
+            frames = np.rot90(frames, axes=(1, 2)) if name == "rot90" else np.flip(frames, axes[name])
+        return np.ascontiguousarray(frames)
 
 
 class ShardLoader:
@@ -260,6 +271,10 @@ class ShardLoader:
         self.samples = load_index(cfg.shards)
         self.buckets = make_buckets(cfg, batch_size)
         streams, self.excluded = classify(self.samples, cfg, self.buckets)
+        latent = next((r for r in self.samples if media_kind(r.members)[0] == "latent"), None)
+        if cfg.augment and latent is not None:
+            raise ShardError(f"data.augment {cfg.augment} transforms pixels, but {latent.shard} holds latents "
+                             "(cache-latents output); set data.augment: [] for latent shards")
         self.planners = {s: EpochPlanner(streams[s], self.samples, self.buckets, self.seed, s) for s in STREAMS}
         for stream, used in (("video", cfg.image_fraction < 1), ("image", cfg.image_fraction > 0)):
             if used and not streams[stream]:

@@ -107,7 +107,8 @@ def held_out_batches(cfg: RunConfig, device: torch.device) -> list[dict]:
     if not (cfg.data.eval_shards and cfg.train.eval_every):
         return []
     eval_cfg = cfg.data.model_copy(update={"shards": cfg.data.eval_shards, "random_start": False,
-                                           "caption_dropout": 0.0, "num_workers": 0, "image_fraction": 0.0})
+                                           "caption_dropout": 0.0, "num_workers": 0, "image_fraction": 0.0,
+                                           "augment": []})
     loader = ShardLoader(eval_cfg, rank=0, world_size=1, seed=cfg.seed, batch_size=cfg.parallel.micro_batch)
     return [{**b, "video": to_model_input(b["video"], device)} for b in islice(loader, cfg.train.eval_batches)]
 
