@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from vidiff.config import VAEConfig
-from vidiff.models.vae import VideoVAE, chunk_bounds
+from datasets import write_mixed
+from vidiff.config import VAEConfig, load_config
+from vidiff.data.pipeline import ShardLoader, to_model_input
+from vidiff.models.vae import VideoVAE, block_pca, chunk_bounds, to_blocks
+from vidiff.train.objectives import VAEObjective
 
 
 def _vae(**kw) -> VideoVAE:
@@ -85,3 +88,34 @@ def test_memory_stays_flat_as_the_clip_grows():
     whole = _peak_rss_kib(65, 64)                               # one chunk: what chunking saves
     assert long <= 1.3 * short, json.dumps({"17 frames": short, "65 frames": long})
     assert whole > 1.3 * short, "the clip is too small for this test to tell chunked from whole"
+
+
+def test_a_pca_initialized_vae_starts_as_the_best_linear_code(tmp_path):
+    shards = write_mixed(tmp_path / "s", n_image=0)
+    run = tmp_path / "run"
+    cfg = load_config(REPO / "configs/vae/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
+                                                        f"out_dir={run}", "vae.pca_init_batches=4"])
+    vae = VAEObjective(cfg).build_model().eval()
+    loader = ShardLoader(cfg.data, 0, 1, cfg.seed, batch_size=cfg.parallel.micro_batch)
+    videos = [to_model_input(next(loader)["video"]) for _ in range(4)]      # the batches the PCA was fitted on
+    mean, U = block_pca(videos, cfg.vae.latent_channels)                     # (768,), (768, z)
+    torch.manual_seed(0)
+    random_init = VideoVAE(cfg.vae).eval()
+    with torch.no_grad():
+        for video in videos:
+            recon = vae(video, sample=False)[0]
+            # Every block after frame 0 (frame 0's block repeats one frame) is its PCA projection.
+            blocks = to_blocks(video).movedim(1, -1)[:, 1:]                  # (B, T' - 1, h, w, 768)
+            torch.testing.assert_close(to_blocks(recon).movedim(1, -1)[:, 1:], (blocks - mean) @ U @ U.T + mean,
+                                       atol=1e-4, rtol=0)
+            assert _psnr(recon, video) > _psnr(random_init(video, sample=False)[0], video) + 3.0
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000010")
+    assert VAEObjective(cfg).initial_pca() is None                           # a resumed run loads its weights
+
+    # The linear path stays the PCA: frozen, on a fresh build and on a resumed one (same optimizer groups).
+    def trainable(model):
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable(vae) == trainable(VAEObjective(cfg).build_model())
+    assert not any(".patch." in name for name in trainable(vae)) and "encoder.patch.weight" in dict(
+        vae.named_parameters())

@@ -145,6 +145,32 @@ class Up(nn.Module):
 
 
 PATCH_CHANNELS = 3 * TEMPORAL_FACTOR * SPATIAL_FACTOR ** 2      # one 4x8x8 RGB block as channels: 768
+LOGVAR_INIT = -8.0       # posterior log-variance of a PCA-initialized encoder: noise far below the code's scale
+
+
+def to_blocks(video: torch.Tensor, first: bool = True) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B, 768, T', H/8, W/8): each 4x8x8 block as channels (frame 0: its 8x8 block repeated
+    in time), the input of the encoder's linear path; `unblock` is the inverse."""
+    x = to_channels(video, temporal=False)                              # (B, 12, T, H/2, W/2)
+    return to_channels(to_channels(x, True, first), True, first)
+
+
+def unblock(blocks: torch.Tensor, first: bool = True) -> torch.Tensor:
+    """(B, 768, T', h, w) -> (B, 12, T, 4h, 4w): to_blocks' inverse up to the last space-to-channel step."""
+    return from_channels(from_channels(blocks, True, first), True, first)
+
+
+BlockPCA = tuple[torch.Tensor, torch.Tensor]      # mean (768,), principal directions (768, z)
+
+
+def block_pca(videos: list[torch.Tensor], z: int) -> BlockPCA:
+    """The mean and top-z principal directions of the 4x8x8 blocks of videos (each (B, 3, 1 + 4k, H, W)): the
+    best linear code of z channels for those blocks, the linear path's starting point (vae.pca_init_batches)."""
+    blocks = torch.cat([to_blocks(v).movedim(1, -1).reshape(-1, PATCH_CHANNELS) for v in videos]).double()
+    mean = blocks.mean(0)
+    covariance = (blocks - mean).T @ (blocks - mean) / len(blocks)
+    _, vectors = torch.linalg.eigh(covariance)                          # eigenvalues ascending
+    return mean.float(), vectors[:, -z:].flip(1).float()                # (768,), (768, z)
 
 
 class Encoder(nn.Module):
@@ -154,9 +180,16 @@ class Encoder(nn.Module):
     The residual works from the 2x2 space-to-channel input at H/2 (cheap on full frames): channels c, 2c, 4c at
     H/2, H/4, H/8."""
 
-    def __init__(self, c: int, z: int):
+    def __init__(self, c: int, z: int, pca: BlockPCA | None = None):
         super().__init__()
         self.patch = nn.Conv3d(PATCH_CHANNELS, 2 * z, 1)
+        if pca is not None:                        # mean = U^T (block - mu); log-variance LOGVAR_INIT
+            mu, U = pca
+            with torch.no_grad():
+                self.patch.weight.zero_()
+                self.patch.weight[:z, :, 0, 0, 0] = U.T
+                self.patch.bias[:z] = -(U.T @ mu)
+                self.patch.bias[z:] = LOGVAR_INIT
         self.conv_in = CausalConv3d(12, c)
         self.blocks = nn.ModuleList([
             ResBlock(c, c), Down(c, 2 * c, temporal=True),
@@ -168,8 +201,8 @@ class Encoder(nn.Module):
         nn.init.zeros_(self.conv_out.conv.bias)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
+        blocks = to_blocks(x, first)                                        # (B, 768, T', H/8, W/8)
         x = to_channels(x, temporal=False)                                 # (B, 12, T, H/2, W/2)
-        blocks = to_channels(to_channels(x, True, first), True, first)     # (B, 768, T', H/8, W/8)
         h = self.conv_in(x, cache)                                          # (B, c, T, H/2, W/2)
         for block in self.blocks:
             h = block(h, cache, first)                                      # -> (B, 4c, T', H/8, W/8)
@@ -180,9 +213,14 @@ class Decoder(nn.Module):
     """(B, z, T', h, w) -> (B, 3, T, 8h, 8w): the linear block map back plus a causal convolutional residual
     (zero at initialization), mirroring the encoder."""
 
-    def __init__(self, c: int, z: int):
+    def __init__(self, c: int, z: int, pca: BlockPCA | None = None):
         super().__init__()
         self.patch = nn.Conv3d(z, PATCH_CHANNELS, 1)
+        if pca is not None:                        # block = mu + U code: the PCA reconstruction
+            mu, U = pca
+            with torch.no_grad():
+                self.patch.weight.copy_(U[:, :, None, None, None])
+                self.patch.bias.copy_(mu)
         self.conv_in = CausalConv3d(z, 4 * c)
         self.blocks = nn.ModuleList([
             ResBlock(4 * c, 4 * c), ResBlock(4 * c, 4 * c),
@@ -194,7 +232,7 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.conv_out.conv.bias)
 
     def forward(self, z: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
-        linear = from_channels(from_channels(self.patch(z), True, first), True, first)   # (B, 12, T, 4h, 4w)
+        linear = unblock(self.patch(z), first)                              # (B, 12, T, 4h, 4w)
         h = self.conv_in(z, cache)                                          # (B, 4c, T', h, w)
         for block in self.blocks:
             h = block(h, cache, first)                                      # -> (B, c, T, 4h, 4w)
@@ -264,11 +302,18 @@ class VideoVAE(nn.Module):
     encode/decode run causal chunks of cfg.chunk_frames frames (memory flat in clip length, same result as
     whole) and, when cfg.tile_size is set, overlapping spatial tiles blended linearly (large frames)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, pca: BlockPCA | None = None):
+        """pca: the linear block path is this PCA of training blocks (`block_pca`), so encode -> decode begins as
+        the best linear code; the convolutional residuals start at zero either way. With cfg.pca_init_batches
+        the linear path is frozen (a resumed run loads it): under Adam at the recipe's learning rate it drifted
+        from 28.6 to 27.1 dB on held-out video in 2000 steps, while the residuals can add any correction."""
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.base_channels, cfg.latent_channels)
-        self.decoder = Decoder(cfg.base_channels, cfg.latent_channels)
+        self.encoder = Encoder(cfg.base_channels, cfg.latent_channels, pca)
+        self.decoder = Decoder(cfg.base_channels, cfg.latent_channels, pca)
+        if cfg.pca_init_batches:
+            self.encoder.patch.requires_grad_(False)
+            self.decoder.patch.requires_grad_(False)
         # Per-channel statistics of the posterior means, set by calibration after training.
         self.register_buffer("latent_shift", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_scale", torch.ones(cfg.latent_channels))

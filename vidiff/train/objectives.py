@@ -7,6 +7,8 @@ draws come from one seed per sample (`seeds`), so they do not depend on how the 
 
 from __future__ import annotations
 
+from itertools import islice
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -15,13 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from vidiff.config import RunConfig
-from vidiff.data.pipeline import to_uint8
+from vidiff.data.pipeline import ShardLoader, to_model_input, to_uint8
 from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT
 from vidiff.models.text import TextEncoder
-from vidiff.models.vae import VideoVAE, kl_divergence
-from vidiff.train.checkpoint import load_vae
+from vidiff.models.vae import BlockPCA, VideoVAE, block_pca, kl_divergence
+from vidiff.train import checkpoint
 
 
 class Objective(Protocol):
@@ -38,9 +40,24 @@ class VAEObjective:
         self.cfg = cfg
         self.ema_decay = ema_decay
         self.latent_moments: torch.Tensor | None = None     # (2, z): EMA of per-channel E[mu], E[mu^2]
+        self.pca: BlockPCA | None = None
 
     def build_model(self) -> nn.Module:
-        return VideoVAE(self.cfg.vae)
+        return VideoVAE(self.cfg.vae, self.initial_pca())
+
+    def initial_pca(self) -> BlockPCA | None:
+        """The PCA of the first vae.pca_init_batches training micro-batches, on a fresh run only (a resumed run
+        loads its weights). Every rank reads the same batches from its own loader, so all compute the same
+        PCA, and the training loader's position is untouched."""
+        batches = self.cfg.vae.pca_init_batches
+        if not batches or checkpoint.latest_tag(Path(self.cfg.out_dir)) is not None:
+            return None
+        if self.pca is None:
+            data = self.cfg.data.model_copy(update={"num_workers": 0})
+            loader = ShardLoader(data, 0, 1, self.cfg.seed, batch_size=self.cfg.parallel.micro_batch)
+            self.pca = block_pca([to_model_input(b["video"]) for b in islice(loader, batches)],
+                                 self.cfg.vae.latent_channels)
+        return self.pca
 
     def loss(self, engine, batch, seeds):
         video = batch["video"]                                              # (B, 3, T, H, W)
@@ -92,7 +109,7 @@ class DiTObjective:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.text = TextEncoder(cfg.text)
-        self.vae = load_vae(cfg.vae.checkpoint)
+        self.vae = checkpoint.load_vae(cfg.vae.checkpoint)
 
     def build_model(self) -> nn.Module:
         return build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
