@@ -6,11 +6,12 @@ video). Because of that, a long clip can be encoded in chunks that carry each co
 (the same latents as whole, memory flat in length), and large frames in blended spatial tiles.
 The latent's scale/shift statistics live here and only here (`encode` / `decode`).
 
-Architecture: the latent is a learned linear map of each 4x8x8 block plus a convolutional residual that starts
-at zero (and the decoder mirrors it). The linear path alone is a learned PCA of blocks and reaches ~25 dB on
-held-out video in a few hundred steps; a purely convolutional VAE of the same cost sat at ~16 dB after as
-many. The residual works from a 2x2 space-to-channel input and downsamples by space(-time)-to-channel with
-DC-AE's averaging shortcuts (Chen et al. 2024).
+Architecture: the latent is a linear map of each 4x8x8 block plus a convolutional residual that starts at zero
+(and the decoder mirrors it). The linear path is a PCA of blocks: learned, it reaches ~25 dB on held-out video in
+a few hundred steps, where a purely convolutional VAE of the same cost sat at ~16 dB; computed from training
+batches and frozen (vae.pca_init_batches, `block_pca`), it starts training at ~28.6 dB. The residual works from a
+2x2 space-to-channel input and downsamples by space(-time)-to-channel with DC-AE's averaging shortcuts (Chen et
+al. 2024).
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def block_pca(videos: list[torch.Tensor], z: int) -> BlockPCA:
 
 class Encoder(nn.Module):
     """(B, 3, T, H, W) -> (B, 2z, T', H/8, W/8): a linear map of each 4x8x8 block (frame 0: an 8x8 block of the
-    first frame alone) plus a causal convolutional residual, zero at initialization. The linear path alone is a
-    learned PCA of blocks and trains in a few hundred steps; the residual adds what a linear code cannot hold.
+    first frame alone) plus a causal convolutional residual, zero at initialization. The linear path is a PCA of
+    blocks (learned, or given as `pca`); the residual adds what a linear code cannot hold.
     The residual works from the 2x2 space-to-channel input at H/2 (cheap on full frames): channels c, 2c, 4c at
     H/2, H/4, H/8."""
 
