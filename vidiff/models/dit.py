@@ -66,6 +66,11 @@ def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int
             rearrange(per_batch, "b t n d -> (b n) t d")[:, None])
 
 
+def block_ropes(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, device) -> tuple[Rope, Rope]:
+    """The DiT blocks' RoPE rotations (spatial, temporal) for a token grid (T', H', W')."""
+    return rope_sequences(*grid, cfg.hidden_size // cfg.num_heads, cfg.attention == "full", batch, device)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init.
     With full=True the two self-attention layers each attend over all T x N tokens."""
@@ -181,15 +186,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size))
 
-    def ropes(self, grid: tuple[int, int, int], batch: int, device) -> tuple[Rope, Rope]:
-        """The blocks' RoPE rotations for a token grid (T', H', W')."""
-        return rope_sequences(*grid, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.attention == "full",
-                              batch, device)
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:
         x, c, context, text_mask, grid = self.embed(x, c_noise, text, text_mask)   # x (B, T', N, D)
-        rope_s, rope_t = self.ropes(grid, x.shape[0], x.device)
+        rope_s, rope_t = block_ropes(self.cfg, grid, x.shape[0], x.device)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, context, text_mask, rope_s, rope_t, use_reentrant=False)
@@ -210,7 +210,6 @@ def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, in
             model = DiT(DiTConfig(preset=name), in_channels, text_dim)
         counts[name] = count_parameters(model)
     return counts
-
 
 
 def training_flops_per_token(cfg: DiTConfig, parameters: int, grid: tuple[int, int, int], text_tokens: int) -> float:

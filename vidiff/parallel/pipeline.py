@@ -23,7 +23,7 @@ from torch import nn
 
 from vidiff.config import DiTConfig, RunConfig
 from vidiff.diffusion.edm import noised, scalings, weighted_error
-from vidiff.models.dit import Embed, FinalLayer, rope_sequences, unpatchify
+from vidiff.models.dit import Embed, FinalLayer, block_ropes, unpatchify
 from vidiff.parallel.layout import Layout
 from vidiff.parallel.tensor import split_block, split_dim
 
@@ -48,11 +48,11 @@ class BlockLayer(nn.Module):
     def __init__(self, block: nn.Module, cfg: DiTConfig, tp_group, tp_rank: int, tp_size: int):
         super().__init__()
         self.block = split_block(block, tp_group, tp_rank, tp_size) if tp_size > 1 else block
-        self.head_dim, self.full = cfg.hidden_size // cfg.num_heads, cfg.attention == "full"
+        self.cfg = cfg
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x, c, context, mask, grid = inputs
-        rope_s, rope_t = rope_sequences(*grid.tolist(), self.head_dim, self.full, x.shape[0], x.device)
+        rope_s, rope_t = block_ropes(self.cfg, tuple(grid.tolist()), x.shape[0], x.device)
         return self.block(x, c, context, mask.bool(), rope_s, rope_t), c, context, mask, grid
 
 
@@ -133,10 +133,8 @@ def _dit_name(name: str, depth: int) -> str:
     """'3.block.attn_s.q.weight' (PipelineModule layer 3) -> 'net.blocks.2.attn_s.q.weight' (Precond(DiT))."""
     index, inner = name.split(".", 1)
     index = int(index)
-    if index == 0:
-        return "net." + inner                       # 'embed.x_embed.weight'
-    if index == depth + 1:
-        return "net." + inner                       # 'final.linear.weight'
+    if index in (0, depth + 1):
+        return "net." + inner                       # 'embed.x_embed.weight', 'final.linear.weight'
     return f"net.blocks.{index - 1}." + inner.removeprefix("block.")
 
 

@@ -37,4 +37,3 @@ def share_fp32_master(optimizer) -> None:
         if (flat.dtype == master.dtype and flat.device == master.device and flat.shape == master.shape
                 and flat.untyped_storage().data_ptr() != master.untyped_storage().data_ptr()):
             master.data = flat.data
-

@@ -1,8 +1,9 @@
 """What a run trains: the VAE (reconstruction + KL) or the DiT (EDM loss on VAE latents).
 
 An objective builds the trainable module, turns a batch into a loss through the DeepSpeed engine, and
-prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it). Random
-draws come from one seed per sample (`seeds`), so they do not depend on how the batch is split over ranks.
+prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it). The DiT's
+random draws come from one seed per sample (`seeds`), so they do not depend on how the batch is split over
+ranks; the VAE's posterior noise is drawn for the whole micro-batch from its first sample's seed.
 """
 
 from __future__ import annotations
@@ -40,24 +41,21 @@ class VAEObjective:
         self.cfg = cfg
         self.ema_decay = ema_decay
         self.latent_moments: torch.Tensor | None = None     # (2, z): EMA of per-channel E[mu], E[mu^2]
-        self.pca: BlockPCA | None = None
+        self.pca = self._initial_pca()     # read here, before the trainer builds the model (under zero.Init)
 
     def build_model(self) -> nn.Module:
-        return VideoVAE(self.cfg.vae, self.initial_pca())
+        return VideoVAE(self.cfg.vae, self.pca)
 
-    def initial_pca(self) -> BlockPCA | None:
+    def _initial_pca(self) -> BlockPCA | None:
         """The PCA of the first vae.pca_init_batches training micro-batches, on a fresh run only (a resumed run
         loads its weights). Every rank reads the same batches from its own loader, so all compute the same
         PCA, and the training loader's position is untouched."""
         batches = self.cfg.vae.pca_init_batches
         if not batches or checkpoint.latest_tag(Path(self.cfg.out_dir)) is not None:
             return None
-        if self.pca is None:
-            data = self.cfg.data.model_copy(update={"num_workers": 0})
-            loader = ShardLoader(data, 0, 1, self.cfg.seed, batch_size=self.cfg.parallel.micro_batch)
-            self.pca = block_pca([to_model_input(b["video"]) for b in islice(loader, batches)],
-                                 self.cfg.vae.latent_channels)
-        return self.pca
+        data = self.cfg.data.model_copy(update={"num_workers": 0})
+        loader = ShardLoader(data, 0, 1, self.cfg.seed, batch_size=self.cfg.parallel.micro_batch)
+        return block_pca([to_model_input(b["video"]) for b in islice(loader, batches)], self.cfg.vae.latent_channels)
 
     def loss(self, engine, batch, seeds):
         video = batch["video"]                                              # (B, 3, T, H, W)

@@ -162,7 +162,7 @@ def train(cfg: RunConfig) -> Path:
     with torch.device("meta"):                      # the whole model's size, however it is split over ranks
         parameters = count_parameters(objective.build_model())
     if rank == 0:
-        print(f"{cfg.task} model: {parameters / 1e6:.1f}M trainable parameters; {layout.describe()}")
+        print(f"{cfg.task} model: {parameters / 1e6:.1f}M parameters; {layout.describe()}")
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
     stage, dp_rank, tp_rank = layout.coordinates(rank)
