@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vidiff.models.init import xavier_uniform_
+
 # Unit complex rotations e^(i angle), complex (..., N, head_dim / 2), broadcastable over (B, heads, N, d/2).
 Rope = torch.Tensor
 
@@ -49,7 +51,8 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 class Linear(nn.Linear):
     """nn.Linear that initializes itself when built: xavier weights and zero bias, or all zeros with zero=True.
     nn.Linear's constructor calls reset_parameters, so the layer is complete before DeepSpeed's zero.Init
-    (which shards every module as its constructor returns) takes it, and the draws match a plain build."""
+    (which shards every module as its constructor returns) takes it, and the draws (made in fp32, see
+    models/init.py) match a plain build in any precision."""
 
     def __init__(self, d_in: int, d_out: int, zero: bool = False):
         self.zero = zero                    # read by reset_parameters, which nn.Linear's constructor calls
@@ -60,7 +63,7 @@ class Linear(nn.Linear):
         if self.zero:
             nn.init.zeros_(self.weight)
         else:
-            nn.init.xavier_uniform_(self.weight)
+            xavier_uniform_(self.weight)
 
 
 class Attention(nn.Module):
