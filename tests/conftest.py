@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,27 @@ def run_vidiff(*args: str, cwd: Path | None = None, timeout: float = 600) -> sub
     """`python -m vidiff ARGS` in a subprocess, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "vidiff", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+# launchers/local.sh picks MASTER_PORT in [29500, 30500): test runs stay out of that range, so a test never takes a
+# port that a user's run (or the launcher-picked port of another test) might be using.
+LAUNCHER_PORTS = range(29500, 30500)
+
+
+def free_port() -> int:
+    """A free TCP port from the kernel's ephemeral range (32768 and up on Linux), outside LAUNCHER_PORTS."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in LAUNCHER_PORTS:
+            return port
+
+
+def shm_workspaces(port: int) -> set[str]:
+    """DeepSpeed's CPU shared-memory workspaces of the run on `port` (named ..._<addr>_<port>_<rank>): a test
+    checks its own run's only, not other workspaces on the machine."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")}
 
 
 @pytest.fixture(scope="session")

@@ -137,12 +137,12 @@ def test_a_pca_initialized_vae_starts_as_the_best_linear_code(tmp_path):
     random_init = VideoVAE(cfg.vae).eval()
     with torch.no_grad():
         for video in videos:
-            recon = vae(video, sample=False)[0]
+            recon = vae(video)[0]
             # Every block after frame 0 (frame 0's block repeats one frame) is its PCA projection.
             blocks = to_blocks(video).movedim(1, -1)[:, 1:]                  # (B, T' - 1, h, w, 768)
             torch.testing.assert_close(to_blocks(recon).movedim(1, -1)[:, 1:], (blocks - mean) @ U @ U.T + mean,
                                        atol=1e-4, rtol=0)
-            assert _psnr(recon, video) > _psnr(random_init(video, sample=False)[0], video) + 3.0
+            assert _psnr(recon, video) > _psnr(random_init(video)[0], video) + 3.0
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step00000010")
     assert VAEObjective(cfg).pca is None                           # a resumed run loads its weights

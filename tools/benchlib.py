@@ -55,7 +55,7 @@ def batch(cfg: RunConfig, latent: tuple[int, int, int], device, step: int = 0) -
 
 def forward_backward(engine, cfg: RunConfig, d: dict[str, torch.Tensor]) -> torch.Tensor:
     loss = edm_loss(engine, d["x0"], d["sigma"], d["noise"], cfg.edm.sigma_data, text=d["text"],
-                    text_mask=d["text_mask"])
+                    text_mask=d["text_mask"]).mean()
     engine.backward(loss)
     return loss
 

@@ -71,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from vidiff.diffusion.edm import Precond
     from vidiff.models.dit import DiT
     from vidiff.models.text import TextEncoder
-    from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
+    from vidiff.models.vae import latent_shape
     from vidiff.train.checkpoint import latest_tag, load_export, load_vae
 
     run_dir = Path(args.run or cfg.out_dir)
@@ -87,9 +87,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model.eval()
 
     frames, height, width = run_cfg.data.video_shape
-    latent_shape = (vae.cfg.latent_channels, latent_frames(frames), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
+    shape = latent_shape(frames, height, width, vae.cfg.latent_channels)
     prompts = args.prompt or cfg.sample.prompts
-    videos = generate(model, text, vae.decode, prompts, latent_shape, cfg.sample, run_cfg.edm)
+    videos = generate(model, text, vae.decode, prompts, shape, cfg.sample, run_cfg.edm)
 
     out = Path(args.out) if args.out else run_dir / "samples" / latest_tag(run_dir).name
     out.mkdir(parents=True, exist_ok=True)

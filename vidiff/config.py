@@ -127,6 +127,10 @@ class DiTConfig(_Section):
     patch_size: tuple[int, int, int] = (1, 2, 2)   # (pt, ph, pw) over latent (T, H, W)
     mlp_ratio: float = Field(4.0, gt=0.0)
     attention: Literal["factorized", "full"] = "factorized"   # full: both self-attentions see all T x H x W tokens
+    # adaLN-Zero (DiT paper): every block's gates, the cross-attention output and the final layer start at zero,
+    # so the network starts as the identity. false: they start random like every other layer (open), which
+    # the layout parity tests use so that every parameter has a gradient from the first step.
+    zero_init: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +199,7 @@ class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] | None = None  # default: 3 in the sharded layout; the pipeline layout runs 1
     activation_checkpointing: bool = False    # recompute each DiT block in backward: memory for ~1/3 more compute
     peak_tflops: float | None = Field(None, gt=0)  # per device, for perf/mfu (default: known GPUs, or measured)
+    tf32: bool = True                         # GPU: fp32 matmuls/convolutions on TF32 tensor cores (fp32 runs)
 
     @property
     def layout(self) -> Literal["sharded", "pipeline"]:

@@ -3,8 +3,10 @@
 The data of a stream (videos, images) is cut, epoch by epoch, into a deterministic plan of batches: shards in
 a seeded order, samples shuffled within each shard, each sample put in its bucket, a batch emitted whenever
 a bucket fills (the epoch's last partial batch of each bucket included, so every usable sample is in the
-epoch exactly once). Step s takes the next `world_size` batches of its stream, rank r the r-th of them; a
-rank's batches go to its workers in turn. The data position is therefore a few integers shared by all
+epoch exactly once). Optimizer step s trains on one stream (image or video, by data.image_fraction) for all of
+its micro-batches: each of its `accumulation` micro-steps takes the next `world_size` batches of that stream,
+rank r the r-th of them, so every layout that trains the same global batch sees the same batches. A rank's
+batches go to its workers in turn. The data position is therefore a few integers shared by all
 ranks, and a restart with another world size or worker count continues with exactly the batches not yet
 consumed. A sample that cannot be used is skipped and counted by reason; nothing is ever unpickled.
 """
@@ -159,7 +161,15 @@ def image_steps(fraction: float, start: int, stop: int) -> int:
 
 
 def stream_of(fraction: float, step: int) -> str:
+    """The stream that optimizer step `step` trains on."""
     return "image" if image_steps(fraction, step, step + 1) else "video"
+
+
+def image_micro_batches(fraction: float, accumulation: int, micro: int) -> int:
+    """Image micro-steps among the first `micro` micro-steps of a run (every micro-step of an optimizer step
+    reads the step's stream)."""
+    step, within = divmod(micro, accumulation)
+    return accumulation * image_steps(fraction, 0, step) + (within if stream_of(fraction, step) == "image" else 0)
 
 
 class _RankBatches(IterableDataset):
@@ -168,7 +178,7 @@ class _RankBatches(IterableDataset):
     def __init__(self, loader: "ShardLoader"):
         self.cfg, self.samples, self.planners = loader.cfg, loader.samples, loader.planners
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
-        self.step, self.cursors = loader.step, dict(loader.cursors)
+        self.accumulation, self.micro, self.cursors = loader.accumulation, loader.micro_steps, dict(loader.cursors)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -181,10 +191,12 @@ class _RankBatches(IterableDataset):
             j += workers
 
     def position(self, j: int) -> tuple[str, int, int]:
-        """(stream, epoch, index in that epoch's plan) of this rank's batch for local step j."""
-        step = self.step + j
-        stream = stream_of(self.cfg.image_fraction, step)
-        before = image_steps(self.cfg.image_fraction, self.step, step)
+        """(stream, epoch, index in that epoch's plan) of this rank's batch for local micro-step j."""
+        fraction, accumulation = self.cfg.image_fraction, self.accumulation
+        micro = self.micro + j
+        stream = stream_of(fraction, micro // accumulation)
+        before = (image_micro_batches(fraction, accumulation, micro)
+                  - image_micro_batches(fraction, accumulation, self.micro))
         if stream == "video":
             before = j - before
         epoch, index = self.cursors[stream]
@@ -261,12 +273,13 @@ class _RankBatches(IterableDataset):
 
 class ShardLoader:
     """Iterator of micro-batches (batch_size clips in the first bucket) {"video": uint8 (B, T, H, W, 3), "caption",
-    "key", "epoch", "stream", "bucket",
-    "padding", "skipped"} for one rank; state_dict() is the data position (the same on every rank).
+    "key", "epoch", "stream", "bucket", "padding", "skipped"} for one data-parallel rank of `world_size`, with
+    `accumulation` micro-batches per optimizer step; state_dict() is the data position (the same on every rank).
     Videos stay uint8 (4x less to move between processes and to the GPU): see `to_model_input`."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int, *, batch_size: int):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, seed: int, *, batch_size: int,
+                 accumulation: int = 1):
+        self.cfg, self.rank, self.world_size, self.accumulation = cfg, rank, world_size, accumulation
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.samples = load_index(cfg.shards)
         self.buckets = make_buckets(cfg, batch_size)
@@ -281,7 +294,8 @@ class ShardLoader:
                 raise ShardError(
                     f"data.shards {cfg.shards!r} has no usable {stream} samples for buckets {cfg.buckets} "
                     f"(image_fraction {cfg.image_fraction}); unusable samples by reason: {dict(self.excluded)}")
-        self.step = 0
+        self.step = 0                                    # optimizer steps completed
+        self.micro = 0                                   # micro-batches of the current step already taken
         self.cursors = {s: (0, 0) for s in STREAMS}    # (epoch, batch index) of the next batch of each stream
         self.skipped: Counter[str] = Counter()           # runtime skips on this rank
         self._batches: Iterator[dict] | None = None
@@ -294,11 +308,21 @@ class ShardLoader:
         """Steps that consume one epoch of a stream (the last may reach into the next epoch)."""
         return math.ceil(len(self.planners[stream].plan(0)) / self.world_size)
 
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps taken since the run began, counted at the current accumulation."""
+        return self.step * self.accumulation + self.micro
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "cursors": {s: list(c) for s, c in self.cursors.items()}}
+        """The data position: optimizer steps done, micro-batches of the next step taken, one cursor per stream.
+        Saved between optimizer steps (micro 0), it continues exactly at any world size and accumulation."""
+        return {"step": self.step, "micro": self.micro, "cursors": {s: list(c) for s, c in self.cursors.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.micro = int(state["step"]), int(state.get("micro", 0))
+        if self.micro >= self.accumulation:
+            raise ValueError(f"data position {state} is {self.micro} micro-batches into a step, but this run "
+                             f"accumulates {self.accumulation} per step; resume from a checkpoint between steps")
         self.cursors = {s: tuple(state["cursors"][s]) for s in STREAMS}
         self._batches = None
 
@@ -324,7 +348,9 @@ class ShardLoader:
         stream = stream_of(self.cfg.image_fraction, self.step)
         epoch, index = self.cursors[stream]
         self.cursors[stream] = self.planners[stream].locate(epoch, index + self.world_size)
-        self.step += 1
+        self.micro += 1
+        if self.micro == self.accumulation:
+            self.step, self.micro = self.step + 1, 0
         self.skipped.update(batch["skipped"])
         return batch
 

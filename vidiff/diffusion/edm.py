@@ -72,12 +72,14 @@ def noised(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.
 
 
 def weighted_error(D_x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """lambda(sigma) || D_x - x0 ||^2, averaged over elements and the batch (Eq. 2, 8)."""
+    """lambda(sigma) || D_x - x0 ||^2 per sample, averaged over its elements (Eq. 2, 8): (B,). The trainer
+    averages over the usable samples of the global batch."""
     per_sample = (D_x - x0).pow(2).flatten(1).mean(1)                                 # (B,)
-    return (loss_weight(sigma, sigma_data) * per_sample).mean()
+    return loss_weight(sigma, sigma_data) * per_sample
 
 
 def edm_loss(denoise: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, sigma_data: float,
              **cond: Any) -> torch.Tensor:
-    """E_sigma,n [ lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2 ] for given draws (sample_noise)."""
+    """lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2 per sample (B,), for given draws (sample_noise); its mean
+    over samples estimates E_sigma,n of Eq. 2."""
     return weighted_error(denoise(noised(x0, sigma, noise), sigma, **cond), x0, sigma, sigma_data)

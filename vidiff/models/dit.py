@@ -72,10 +72,11 @@ def block_ropes(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, device) 
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init.
+    """adaLN-Zero block: spatial attention, temporal attention, cross attention, MLP; identity at init (with
+    zero_init=False its gates and cross-attention output start random instead).
     With full=True the two self-attention layers each attend over all T x N tokens."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, full: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, full: bool = False, zero_init: bool = True):
         super().__init__()
         self.full = full
         self.norm_s = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -83,10 +84,10 @@ class DiTBlock(nn.Module):
         self.norm_t = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_t = Attention(dim, heads)
         self.norm_x = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = Attention(dim, heads, zero_out=True)                  # no adaLN gate: starts closed itself
+        self.cross = Attention(dim, heads, zero_out=zero_init)             # no adaLN gate: starts closed itself
         self.norm_m = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 9 * dim, zero=True))   # adaLN-Zero: gates start at 0
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 9 * dim, zero=zero_init))   # adaLN-Zero: gates start at 0
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 rope_s: Rope, rope_t: Rope) -> torch.Tensor:
@@ -108,11 +109,11 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, zero_init: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, zero=True))
-        self.linear = Linear(dim, out_dim, zero=True)
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, zero=zero_init))
+        self.linear = Linear(dim, out_dim, zero=zero_init)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN(c)[:, None, None].chunk(2, dim=-1)
@@ -179,12 +180,13 @@ class DiT(nn.Module):
         self.in_channels = in_channels
         self.activation_checkpointing = activation_checkpointing
         # Every layer initializes itself when built (see attention.Linear); adaLN-Zero closes every residual
-        # branch and the output at initialization.
+        # branch and the output at initialization (unless cfg.zero_init is off).
         self.embed = Embed(cfg, in_channels, text_dim)
         full = cfg.attention == "full"
         D = cfg.hidden_size
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full) for _ in range(cfg.depth)])
-        self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size))
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full, cfg.zero_init)
+                                     for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size), cfg.zero_init)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:

@@ -61,9 +61,11 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device the encoder was moved to (`.to(device)`)."""
+        device = next(self.model.parameters()).device
         batch = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                               max_length=self.max_tokens, return_tensors="pt")
+                               max_length=self.max_tokens, return_tensors="pt").to(device)
         tokens = self.model(**batch).last_hidden_state                      # (B, L, Dt)
-        empty = torch.tensor([not c.strip() for c in captions])            # (B,) no text: the null embedding
+        empty = torch.tensor([not c.strip() for c in captions], device=device)   # (B,) no text: the null embedding
         mask = batch["attention_mask"].bool() & ~empty[:, None]
         return tokens * mask[..., None], mask

@@ -22,9 +22,15 @@ from einops import rearrange
 from torch import nn
 
 from vidiff.config import VAEConfig
+from vidiff.models.init import Conv3d
 
 SPATIAL_FACTOR = 8
 TEMPORAL_FACTOR = 4
+
+
+def latent_shape(frames: int, height: int, width: int, latent_channels: int) -> tuple[int, int, int, int]:
+    """(z, T', H/8, W/8) of the latent of one clip of (frames, height, width)."""
+    return latent_channels, latent_frames(frames), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
 
 
 def latent_frames(frames: int) -> int:
@@ -49,7 +55,7 @@ class CausalConv3d(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int = 3):
         super().__init__()
         self.pad_t = kernel - 1
-        self.conv = nn.Conv3d(c_in, c_out, kernel, padding=(0, kernel // 2, kernel // 2))
+        self.conv = Conv3d(c_in, c_out, kernel, padding=(0, kernel // 2, kernel // 2))
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:   # (B, C, T, H, W)
         if self.pad_t:
@@ -80,7 +86,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = ChannelNorm(c_in), CausalConv3d(c_in, c_out)
         self.norm2, self.conv2 = ChannelNorm(c_out), CausalConv3d(c_out, c_out)
-        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.skip = Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, first: bool = True) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)), cache)
@@ -183,7 +189,7 @@ class Encoder(nn.Module):
 
     def __init__(self, c: int, z: int, pca: BlockPCA | None = None):
         super().__init__()
-        self.patch = nn.Conv3d(PATCH_CHANNELS, 2 * z, 1)
+        self.patch = Conv3d(PATCH_CHANNELS, 2 * z, 1)
         if pca is not None:                        # mean = U^T (block - mu); log-variance LOGVAR_INIT
             mu, U = pca
             with torch.no_grad():
@@ -216,7 +222,7 @@ class Decoder(nn.Module):
 
     def __init__(self, c: int, z: int, pca: BlockPCA | None = None):
         super().__init__()
-        self.patch = nn.Conv3d(z, PATCH_CHANNELS, 1)
+        self.patch = Conv3d(z, PATCH_CHANNELS, 1)
         if pca is not None:                        # block = mu + U code: the PCA reconstruction
             mu, U = pca
             with torch.no_grad():
@@ -331,14 +337,12 @@ class VideoVAE(nn.Module):
         mean, logvar = self.encoder(video).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
-        """Training pass: (reconstruction, posterior mean, posterior logvar); the reconstruction decodes a
-        posterior sample, or the posterior mean with sample=False."""
+    def forward(self, video: torch.Tensor, noise: torch.Tensor | None = None):
+        """Training pass: (reconstruction, posterior mean, posterior logvar). The reconstruction decodes the
+        posterior sample mean + std * noise (noise like the mean, drawn by the caller), or the mean without noise."""
         mean, logvar = self.moments(video)
-        if not sample:
-            return self.decoder(mean), mean, logvar
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.decoder(mean + (0.5 * logvar).exp() * eps), mean, logvar
+        z = mean if noise is None else mean + (0.5 * logvar).exp() * noise.to(mean)
+        return self.decoder(z), mean, logvar
 
     def _stream(self, net: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
         """Run a causal net over time chunks of x, carrying each convolution's past frames."""
@@ -380,5 +384,5 @@ class VideoVAE(nn.Module):
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per element, averaged."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    """KL(N(mean, exp(logvar)) || N(0, I)) of each element (shape of mean)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)

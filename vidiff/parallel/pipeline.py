@@ -3,9 +3,10 @@
 
 Layers: embed (patches, noise and text conditioning), one layer per DiT block, the final layer; stages get
 whole blocks (partition_method type:BlockLayer). Between stages flows the tuple (tokens (B, T', N, D),
-c (B, D), context (B, L, D), text mask (B, L) int, token grid (3,) int): the pipeline engine sends a gradient
-back for every float tensor, so c and context get theirs from every stage that used them. The last stage
-turns F into the EDM denoiser and loss, from labels (x0, noisy x, sigma, weight).
+c (B, D), context (B, L, D), text mask (B, L) int, token grid (3,) int), all on the stage's device (the engine
+sends them over the process group): the pipeline engine sends a gradient back for every float tensor, so c and
+context get theirs from every stage that used them. The last stage turns F into the EDM denoiser and the
+weighted sum of per-sample losses, from labels (x0, noisy x, sigma, per-sample weight).
 
 Every rank builds the whole DiT from the run seed and keeps its stage's layers (and tensor-parallel slices),
 so the initial weights equal a single-process run's.
@@ -39,7 +40,7 @@ class EmbedLayer(nn.Module):
         x, sigma, text, text_mask = inputs
         _, _, c_in, c_noise = scalings(sigma, x, self.sigma_data)
         tokens, c, context, mask, grid = self.embed(c_in * x, c_noise, text, text_mask.bool())
-        return tokens, c, context, mask.long(), torch.tensor(grid)
+        return tokens, c, context, mask.long(), torch.tensor(grid, device=x.device)
 
 
 class BlockLayer(nn.Module):
@@ -69,10 +70,11 @@ class HeadLayer(nn.Module):
 
 
 def pipeline_loss(F_x: torch.Tensor, labels: tuple[torch.Tensor, ...], sigma_data: float) -> torch.Tensor:
-    """D = c_skip x + c_out F, then the EDM loss; weight 0 marks a micro-batch whose samples all failed."""
+    """D = c_skip x + c_out F, then the per-sample EDM losses summed with the trainer's weights (B,) (0 for
+    padding; see trainer.sample_weights)."""
     x0, x, sigma, weight = labels
     c_skip, c_out, _, _ = scalings(sigma, x, sigma_data)
-    return weighted_error(c_skip * x + c_out * F_x.to(x.dtype), x0, sigma, sigma_data) * weight
+    return (weighted_error(c_skip * x + c_out * F_x.to(x.dtype), x0, sigma, sigma_data) * weight).sum()
 
 
 def tensor_group(topology, rank: int):
@@ -115,14 +117,16 @@ def build_pipeline_engine(cfg: RunConfig, layout: Layout, build_model, ds_config
     return engine, schedule
 
 
-def pipeline_step(engine, objective, micro_batches: list[dict], seeds: list[list[int]]) -> torch.Tensor:
-    """One optimizer step over the micro-batches through engine.train_batch; the loss (mean over
-    micro-batches and data-parallel ranks) on every rank."""
+def pipeline_step(engine, objective, micro_batches: list[dict], seeds: list[list[int]],
+                  weights: list[torch.Tensor]) -> torch.Tensor:
+    """One optimizer step over the micro-batches through engine.train_batch, each micro-batch's loss the
+    weighted sum of its per-sample losses. DeepSpeed averages the micro-batch losses over accumulation and
+    data-parallel ranks, so with the trainer's weights the result, on every rank, is the mean loss over the
+    usable samples of the global batch."""
     items = []
-    for batch, batch_seeds in zip(micro_batches, seeds):
+    for batch, batch_seeds, weight in zip(micro_batches, seeds, weights):
         d = objective.diffusion_inputs(batch, batch_seeds)
         x = noised(d["x0"], d["sigma"], d["noise"])
-        weight = torch.tensor(0.0 if batch["padding"] else 1.0)
         items.append(((x, d["sigma"], d["text"], d["text_mask"].long()), (d["x0"], x, d["sigma"], weight)))
     return engine.train_batch(iter(items))
 
@@ -146,13 +150,13 @@ def export_pipeline(engine, path: Path, layout: Layout) -> None:
     depth = engine.module.num_blocks
     state = {}
     for name, tensor in engine.module.state_dict().items():
-        tensor = tensor.detach().to("cpu", torch.float32)
+        tensor = tensor.detach().float()            # gathered on the device (NCCL moves no CPU tensors)
         dim = split_dim(name)
         if dim is not None and layout.tensor > 1:
             parts = [torch.empty_like(tensor) for _ in range(layout.tensor)]
             dist.all_gather(parts, tensor.contiguous(), group=engine.module.tp_group)
             tensor = torch.cat(parts, dim=dim)
-        state[_dit_name(name, depth)] = tensor.contiguous()
+        state[_dit_name(name, depth)] = tensor.cpu().contiguous()
     part = path.with_name(f".{path.stem}.stage{stage}.safetensors")
     if dp == 0 and tp == 0:
         save_file(state, str(part))

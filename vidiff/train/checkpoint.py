@@ -1,9 +1,11 @@
 """Checkpoints: DeepSpeed's files plus vidiff_state.json and a gathered safetensors export per tag.
 
 runs/<name>/checkpoints/<tag>/ holds what DeepSpeed writes for every rank, `vidiff_state.json` (step,
-samples seen, each rank's data position, config digest, world size) and `model.safetensors` (full
-weights, for sampling and for the next stage without DeepSpeed). `latest` names the newest complete tag
-and moves, atomically, only after every rank has finished writing.
+samples seen, the data position, the objective's own state, config digest, world size and layout) and
+`model.safetensors` (full weights, for sampling and for the next stage without DeepSpeed). `latest` names the
+newest complete tag and moves, atomically, only after every rank's files are written and flushed to disk
+(fsync of the files and their folders), so a crash at any point leaves the previous checkpoint intact. Rank 0
+reads `latest` and broadcasts it, so every rank loads the same tag even while another job moves it.
 """
 
 from __future__ import annotations
@@ -40,10 +42,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace path with text: written to a temporary file, flushed to disk, renamed, folder flushed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _flush_folder(folder: Path) -> None:
+    """fsync every file under folder and the folders themselves. Called by one rank per node (LOCAL_RANK 0):
+    a node flushes the pages it holds, which on a shared file system are its own ranks' writes."""
+    for path in sorted(folder.rglob("*"), reverse=True):       # files before the folders that hold them
+        _fsync(path)
+    _fsync(folder)
 
 
 def export_weights(module: nn.Module, path: Path) -> None:
@@ -90,29 +114,37 @@ def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None) -> Pat
             _export(engine, ckpt_dir / tag / EMA_NAME, layout)
     if _rank() == 0:
         _write_atomic(ckpt_dir / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=1))
-    _barrier()                              # every rank's files are on disk before `latest` moves
+    _barrier()                              # every rank's files are written ...
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        _flush_folder(ckpt_dir / tag)       # ... and on disk, node by node, before `latest` moves
+    _barrier()
     if _rank() == 0:
+        _fsync(ckpt_dir)
         _write_atomic(ckpt_dir / "latest", tag)
     _barrier()
     return ckpt_dir / tag
 
 
 def latest_tag(run_dir: Path) -> Path | None:
+    """The tag folder `latest` names, or None. In a distributed run rank 0 reads it and broadcasts it (every
+    rank must call), so all ranks agree on one tag."""
     latest = Path(run_dir) / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    return latest.parent / latest.read_text().strip()
+    tag = [latest.read_text().strip() if latest.is_file() else None] if _rank() == 0 else [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tag, src=0)
+    return None if tag[0] is None else latest.parent / tag[0]
 
 
-def resume(engine, run_dir: Path) -> dict | None:
-    """Load the latest checkpoint into the engine (weights, optimizer, schedule); returns its vidiff state."""
+def resume(engine, run_dir: Path) -> tuple[Path, dict] | None:
+    """Load the latest checkpoint into the engine (weights, optimizer, schedule); returns its folder and its
+    vidiff state, or None on a fresh run."""
     tag_dir = latest_tag(run_dir)
     if tag_dir is None:
         return None
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    return json.loads((tag_dir / STATE_NAME).read_text())
+    return tag_dir, json.loads((tag_dir / STATE_NAME).read_text())
 
 
 def load_export(run_dir: str | Path, prefer_ema: bool = False) -> tuple[RunConfig, dict[str, torch.Tensor]]:

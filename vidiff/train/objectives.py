@@ -1,9 +1,11 @@
 """What a run trains: the VAE (reconstruction + KL) or the DiT (EDM loss on VAE latents).
 
-An objective builds the trainable module, turns a batch into a loss through the DeepSpeed engine, and
-prepares the module for export. Every rank makes the same module calls each step (ZeRO-3 needs it). The DiT's
-random draws come from one seed per sample (`seeds`), so they do not depend on how the batch is split over
-ranks; the VAE's posterior noise is drawn for the whole micro-batch from its first sample's seed.
+An objective builds the trainable module, turns a batch into per-sample losses through the DeepSpeed engine
+(the trainer weights them so the step's loss is the mean over the usable samples of the global batch), keeps
+any state of its own for checkpoints, and prepares the module for export. Every rank makes the same module
+calls each step (ZeRO-3 needs it). Every random draw comes from one seed per sample (`seeds`): the DiT's noise
+level and noise, the VAE's posterior noise. None depends on how the batch is split over ranks, and each is drawn
+on the CPU and moved to the batch's device, so a seed gives the same draw on any device.
 """
 
 from __future__ import annotations
@@ -23,22 +25,29 @@ from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT
 from vidiff.models.text import TextEncoder
-from vidiff.models.vae import BlockPCA, VideoVAE, block_pca, kl_divergence
+from vidiff.models.vae import BlockPCA, VideoVAE, block_pca, kl_divergence, latent_shape
 from vidiff.train import checkpoint
 
 
 class Objective(Protocol):
     def build_model(self) -> nn.Module: ...
     def loss(self, engine, batch: dict, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def before_export(self, module: nn.Module) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def before_export(self, module: nn.Module, state: dict) -> None: ...
     def evaluate(self, engine, batches: list[dict]) -> tuple[dict[str, float], np.ndarray | None]: ...
+
+
+def per_sample_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, *shape) standard normal noise, sample i drawn on the CPU from seeds[i]."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
 
 class VAEObjective:
     """L1 + MSE reconstruction plus a small KL term; tracks latent statistics for the exported scale."""
 
-    def __init__(self, cfg: RunConfig, ema_decay: float = 0.99):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", ema_decay: float = 0.99):
+        self.cfg, self.device = cfg, torch.device(device)
         self.ema_decay = ema_decay
         self.latent_moments: torch.Tensor | None = None     # (2, z): EMA of per-channel E[mu], E[mu^2]
         self.pca = self._initial_pca()     # read here, before the trainer builds the model (under zero.Init)
@@ -59,14 +68,42 @@ class VAEObjective:
 
     def loss(self, engine, batch, seeds):
         video = batch["video"]                                              # (B, 3, T, H, W)
-        recon, mean, logvar = engine(video, generator=torch.Generator().manual_seed(seeds[0]))
-        l1, mse = (recon - video).abs().mean(), (recon - video).pow(2).mean()
-        kl = kl_divergence(mean, logvar)
-        moments = torch.stack([mean.detach().mean((0, 2, 3, 4)), mean.detach().pow(2).mean((0, 2, 3, 4))])
-        self.latent_moments = moments if self.latent_moments is None else (
-            self.ema_decay * self.latent_moments + (1 - self.ema_decay) * moments)
+        noise = per_sample_noise(seeds, latent_shape(*video.shape[2:], self.cfg.vae.latent_channels), video.device)
+        recon, mean, logvar = engine(video, noise=noise)
+        l1 = (recon - video).abs().flatten(1).mean(1)                       # (B,)
+        mse = (recon - video).pow(2).flatten(1).mean(1)
+        kl = kl_divergence(mean, logvar).flatten(1).mean(1)
+        if not batch["padding"]:                # a batch of padding says nothing about the latent statistics
+            moments = torch.stack([mean.detach().mean((0, 2, 3, 4)), mean.detach().pow(2).mean((0, 2, 3, 4))])
+            self.latent_moments = moments if self.latent_moments is None else (
+                self.ema_decay * self.latent_moments + (1 - self.ema_decay) * moments)
         loss = l1 + mse + self.cfg.vae.kl_weight * kl
-        return loss, {"vae/l1": l1.item(), "vae/kl": kl.item(), "vae/psnr": psnr(recon.detach(), video).item()}
+        return loss, {"vae/l1": l1.mean().item(), "vae/kl": kl.mean().item(),
+                      "vae/psnr": psnr(recon.detach(), video).item()}
+
+    def state_dict(self) -> dict:
+        """The latent statistics averaged over ranks (every rank must call). The EMA is linear, so restoring
+        every rank to the average exports the same statistics as an uninterrupted run, at any world size."""
+        if self.latent_moments is None:
+            return {}
+        moments = self.latent_moments.clone()
+        if dist.is_initialized():
+            dist.all_reduce(moments)
+            moments /= dist.get_world_size()
+        return {"latent_moments": moments.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "latent_moments" in state:
+            self.latent_moments = torch.tensor(state["latent_moments"], dtype=torch.float32, device=self.device)
+
+    def before_export(self, module: nn.Module, state: dict) -> None:
+        """Set the latent shift/scale from the ranks' averaged statistics (state_dict()), so encode() gives
+        ~N(0, 1); with no statistics yet the module keeps its own."""
+        if "latent_moments" not in state:
+            return
+        shift, second = torch.tensor(state["latent_moments"], dtype=torch.float32)
+        module.latent_shift.copy_(shift)
+        module.latent_scale.copy_((second - shift.pow(2)).clamp(min=1e-8).sqrt())
 
     @torch.no_grad()
     def evaluate(self, engine, batches):
@@ -74,25 +111,12 @@ class VAEObjective:
         scores, preview = [], None
         for batch in batches:
             video = batch["video"]
-            recon, _, _ = engine(video, sample=False)
+            recon, _, _ = engine(video)                                    # the posterior mean
             scores.append((psnr(recon, video).item(), ssim(recon, video).item()))
             if preview is None:
                 preview = np.concatenate([to_uint8(video[0]), to_uint8(recon[0])], axis=2)   # (T, H, 2W, 3)
         return {"eval/psnr": float(np.mean([p for p, _ in scores])),
                 "eval/ssim": float(np.mean([s for _, s in scores]))}, preview
-
-    def before_export(self, module: nn.Module) -> None:
-        """Set the latent shift/scale from the ranks' averaged statistics, so encode() gives ~N(0, 1)."""
-        if self.latent_moments is None:                   # no step since resume: keep the saved statistics
-            return
-        moments = self.latent_moments.clone()
-        if dist.is_initialized():
-            dist.all_reduce(moments)
-            moments /= dist.get_world_size()
-        shift = moments[0]
-        scale = (moments[1] - shift.pow(2)).clamp(min=1e-8).sqrt()
-        module.latent_shift.copy_(shift)
-        module.latent_scale.copy_(scale)
 
 
 def build_denoiser(cfg: RunConfig, latent_channels: int, text_dim: int) -> nn.Module:
@@ -102,12 +126,13 @@ def build_denoiser(cfg: RunConfig, latent_channels: int, text_dim: int) -> nn.Mo
 
 
 class DiTObjective:
-    """EDM loss on latents of the frozen VAE, conditioned on text (the loader drops captions for guidance)."""
+    """EDM loss on latents of the frozen VAE, conditioned on text (the loader drops captions for guidance). The
+    frozen VAE and text encoder run on the training device."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.text = TextEncoder(cfg.text)
-        self.vae = checkpoint.load_vae(cfg.vae.checkpoint)
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.text = TextEncoder(cfg.text).to(self.device)
+        self.vae = checkpoint.load_vae(cfg.vae.checkpoint).to(self.device)
 
     def build_model(self) -> nn.Module:
         return build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
@@ -118,7 +143,7 @@ class DiTObjective:
         if "text" not in batch:
             return self.text(batch["caption"])
         text, mask = batch["text"].clone(), batch["text_mask"].clone()
-        dropped = torch.tensor([not c for c in batch["caption"]])
+        dropped = torch.tensor([not c for c in batch["caption"]], device=text.device)
         text[dropped], mask[dropped] = 0.0, False
         return text, mask
 
@@ -137,12 +162,18 @@ class DiTObjective:
                         text_mask=d["text_mask"])
         return loss, {}
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def evaluate(self, engine, batches):
         return {}, None
 
-    def before_export(self, module: nn.Module) -> None:
+    def before_export(self, module: nn.Module, state: dict) -> None:
         pass
 
 
-def build_objective(cfg: RunConfig) -> Objective:
-    return VAEObjective(cfg) if cfg.task == "vae" else DiTObjective(cfg)
+def build_objective(cfg: RunConfig, device: torch.device | str = "cpu") -> Objective:
+    return VAEObjective(cfg, device) if cfg.task == "vae" else DiTObjective(cfg, device)

@@ -65,6 +65,19 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def training_device(tf32: bool) -> torch.device:
+    """This rank's device, the one DeepSpeed's engine takes (cuda:LOCAL_RANK, or the CPU); on a GPU, fp32 matmuls
+    and convolutions run on TF32 tensor cores when parallel.tf32 is on (the MFU peak of fp32 runs assumes it)."""
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return torch.device(get_accelerator().device_name(local_rank))
+
+
 def release_shm_workspace() -> None:
     """DeepSpeed's CPU backend gives each rank a 69 MB shared-memory workspace,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it: every run leaked
@@ -83,22 +96,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _sum_over_ranks(values: torch.Tensor) -> list[float]:
-    values = values.detach().double().clone()
-    dist.all_reduce(values)
-    return values.tolist()
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over all ranks (on the device: NCCL reduces no CPU tensors)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
-def _runtime_skips(loader: ShardLoader, before: Counter) -> dict[str, int]:
+def _runtime_skips(loader: ShardLoader, before: Counter, device: torch.device) -> dict[str, int]:
     """Samples skipped while decoding, on all ranks, since the run began (earlier restarts included)."""
     reasons = sorted(set(SKIP_REASONS) | set(loader.skipped) | set(before))
-    counts = _sum_over_ranks(torch.tensor([float(loader.skipped[r]) for r in reasons]))
+    counts = _sum_over_ranks([float(loader.skipped[r]) for r in reasons], device)
     return {r: int(c) + before[r] for r, c in zip(reasons, counts) if c or before[r]}
 
 
-def _skip_counts(loader: ShardLoader, before: Counter) -> dict[str, int]:
+def _skip_counts(loader: ShardLoader, before: Counter, device: torch.device) -> dict[str, int]:
     """Unusable samples by reason: found in the index (once per dataset) plus skipped while decoding."""
-    return dict(Counter(loader.excluded) + Counter(_runtime_skips(loader, before)))
+    return dict(Counter(loader.excluded) + Counter(_runtime_skips(loader, before, device)))
 
 
 def held_out_batches(cfg: RunConfig, device: torch.device) -> list[dict]:
@@ -118,6 +132,12 @@ def sample_seeds(seed: int, step: int, position: int, n: int) -> list[int]:
     micro-step x data-parallel ranks + data-parallel rank: the loader's batch order), so each sample's noise is
     the same under any layout that trains the same global batch."""
     return [int(np.random.SeedSequence([seed, step, position, i]).generate_state(1, np.uint64)[0]) for i in range(n)]
+
+
+def sample_weights(batch: dict, scale: float, device: torch.device) -> torch.Tensor:
+    """Loss weight of each sample of a micro-batch (B,): `scale` for a usable sample, 0 for the placeholder of a
+    padding batch (every sample unusable)."""
+    return torch.full((len(batch["caption"]),), 0.0 if batch["padding"] else scale, device=device)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -144,16 +164,22 @@ def _tokens(batch: dict, cfg: RunConfig) -> tuple[int, tuple[int, int, int]]:
 
 
 def train(cfg: RunConfig) -> Path:
-    """Train cfg.task for cfg.train.steps steps; returns the run folder."""
+    """Train cfg.task for cfg.train.steps steps; returns the run folder.
+
+    The loss of a step is the mean of the per-sample losses over the usable samples of the global batch (what
+    train/loss logs): each micro-batch's backward gets the sum of its per-sample losses times accumulation x
+    data / usable, because DeepSpeed divides by the accumulation and averages over data-parallel ranks. A
+    micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples."""
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
     rank, world = init_distributed()
+    device = training_device(cfg.parallel.tf32)
     run_dir = Path(cfg.out_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_NAME)
 
+    objective = build_objective(cfg, device)
     seed_everything(cfg.seed)                       # identical initial weights on every rank
-    objective = build_objective(cfg)
     ds_config = deepspeed_config(cfg, layout)
     if layout.kind == "pipeline":
         engine, schedule = build_pipeline_engine(cfg, layout, objective.build_model, ds_config, make_optimizer)
@@ -167,19 +193,22 @@ def train(cfg: RunConfig) -> Path:
 
     stage, dp_rank, tp_rank = layout.coordinates(rank)
     # Every rank of a tensor-parallel group sees the same data (and every stage of a pipeline the same
-    # micro-batches): throughput and loss are summed over one rank each.
+    # micro-batches): samples, losses and throughput are summed over one rank each.
     counts_once = 1.0 if stage == 0 and tp_rank == 0 else 0.0
-    loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch)
+    loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch,
+                         accumulation=layout.accumulation)
     start_step, samples_seen = 0, 0
     skipped_before: Counter[str] = Counter()      # runtime skips of earlier runs, all ranks summed
-    state = checkpoint.resume(engine, run_dir)
-    if state is not None:
+    resumed = checkpoint.resume(engine, run_dir)
+    if resumed is not None:
+        tag_dir, state = resumed
         start_step, samples_seen = state["step"], state["samples_seen"]
         loader.load_state_dict(state["data"])     # the same position on every rank, at any world size
         skipped_before.update(state.get("skipped", {}))
+        objective.load_state_dict(state.get("objective", {}))
         if state.get("config_digest") != cfg.digest() and rank == 0:
             print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
-        if ema is not None and not ema.load(checkpoint.ema_path(checkpoint.latest_tag(run_dir), rank)) and rank == 0:
+        if ema is not None and not ema.load(checkpoint.ema_path(tag_dir, rank)) and rank == 0:
             print("note: no EMA for this layout in the checkpoint; the EMA restarts from the weights")
 
     eval_batches = held_out_batches(cfg, engine.device)
@@ -187,24 +216,25 @@ def train(cfg: RunConfig) -> Path:
     if cfg.task == "dit":                           # perf/mfu: the DiT's FLOPs are counted (models/dit.py)
         peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
         monitor.message(f"perf/mfu against {peak:.3g} TFLOP/s per rank ({peak_source})")
-    if state is not None:
-        monitor.message(f"resumed from step {start_step} ({checkpoint.latest_tag(run_dir)})")
+    if resumed is not None:
+        monitor.message(f"resumed from step {start_step} ({resumed[0]})")
     for step in range(start_step + 1, cfg.train.steps + 1):
-        micro_batches = [_prepare(next(loader), engine.device) for _ in range(layout.accumulation)]
+        micro_batches = [_prepare(next(loader), device) for _ in range(layout.accumulation)]
         seeds = [sample_seeds(cfg.seed, step, j * layout.data + dp_rank, len(b["caption"]))
                  for j, b in enumerate(micro_batches)]
+        usable, = _sum_over_ranks([counts_once * sum(len(b["key"]) for b in micro_batches)], device)
+        scale = layout.accumulation * layout.data / usable if usable else 0.0
+        weights = [sample_weights(b, scale, device) for b in micro_batches]
+        extra: dict[str, float] = {}
+        loss_sum = 0.0                              # this rank's sum of usable per-sample losses
         if layout.kind == "pipeline":
-            loss, extra = pipeline_step(engine, objective, micro_batches, seeds), {}
+            loss_mean = float(pipeline_step(engine, objective, micro_batches, seeds, weights))
         else:
-            losses = []
-            for batch, batch_seeds in zip(micro_batches, seeds):
-                loss, extra = objective.loss(engine, batch, batch_seeds)
-                if batch["padding"]:               # every sample of this micro-batch was unusable
-                    loss = loss * 0.0
-                engine.backward(loss)
+            for batch, batch_seeds, weight in zip(micro_batches, seeds, weights):
+                per_sample, extra = objective.loss(engine, batch, batch_seeds)      # (B,)
+                engine.backward((per_sample * weight).sum())
                 engine.step()                      # DeepSpeed steps the optimizer after the last micro-batch
-                losses.append(loss.detach())
-            loss = torch.stack(losses).mean()
+                loss_sum += float((per_sample.detach() * (weight > 0)).sum())
         if ema is not None:
             ema.update()
         seconds = monitor.step_seconds()
@@ -214,17 +244,19 @@ def train(cfg: RunConfig) -> Path:
                 n, grid = _tokens(batch, cfg)
                 tokens += n
                 flops += n * training_flops_per_token(cfg.model, parameters, grid, cfg.text.max_tokens)
-        loss_sum, samples, tokens, flops = _sum_over_ranks(counts_once * torch.tensor([
-            loss.item(), sum(len(b["key"]) for b in micro_batches), tokens, flops]))
+        loss_sum, samples, tokens, flops = _sum_over_ranks([counts_once * v for v in (
+            loss_sum, sum(len(b["key"]) for b in micro_batches), tokens, flops)], device)
+        if layout.kind != "pipeline":
+            loss_mean = loss_sum / usable if usable else float("nan")
         samples_seen += int(samples)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             perf = {"perf/tokens_per_s": tokens / seconds,
                     "perf/mfu": flops / seconds / (peak * 1e12 * world)} if cfg.task == "dit" else {}
             monitor.log(step, {
-                "train/loss": loss_sum / layout.data, "train/lr": schedule.get_last_lr()[0],
+                "train/loss": loss_mean, "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "perf/samples_per_s": samples / seconds, "perf/step_seconds": seconds, **perf,
-                **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before).items()}, **extra,
+                **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before, device).items()}, **extra,
             })
         monitor.advance()
         if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
@@ -234,11 +266,12 @@ def train(cfg: RunConfig) -> Path:
             if preview is not None:
                 monitor.video(step, "eval/reconstruction", preview)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            objective.before_export(engine.module)
+            objective_state = objective.state_dict()
+            objective.before_export(engine.module, objective_state)
             tag_dir = checkpoint.save(engine, run_dir, step, {
                 "samples_seen": samples_seen, "data": loader.state_dict(), "world_size": world,
-                "layout": dataclasses.asdict(layout),
-                "skipped": _runtime_skips(loader, skipped_before), "config_digest": cfg.digest(),
+                "layout": dataclasses.asdict(layout), "objective": objective_state,
+                "skipped": _runtime_skips(loader, skipped_before, device), "config_digest": cfg.digest(),
             }, layout, ema)
             monitor.message(f"step {step}: checkpoint {tag_dir}")
     monitor.close()
