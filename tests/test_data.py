@@ -5,20 +5,24 @@ import json
 import pickle
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from conftest import REPO
 from datasets import mixed_samples, png, write_mixed, write_tar
-from vidiff.config import DataConfig
+from vidiff.config import DataConfig, VAEConfig, load_config
+from vidiff.data.latents import cache_latents, npy_bytes
 from vidiff.data.buckets import Bucket, assign_bucket, make_buckets
 from vidiff.data.pipeline import ShardLoader, image_steps, stream_of, to_model_input
-from vidiff.data.shards import (ShardError, folder_samples, manifest_samples, synthetic_samples, webdataset_samples,
-                                write_index, write_shards)
+from vidiff.data.shards import (PICKLE_EXTS, ShardError, folder_samples, manifest_samples, synthetic_samples,
+                                webdataset_samples, write_index, write_shards)
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import ClipError, decode_clip, decode_image, encode_mp4, probe
+from vidiff.models.vae import VideoVAE
 
 # ---------------------------------------------------------------------------------------------- PyAV
 
@@ -221,16 +225,50 @@ def test_every_sample_exactly_once_per_epoch_across_restarts(tmp_path, legs):
         assert counts == [steps] * len(counts)                        # every rank in step
 
 
+def _same_batch(a: dict, b: dict) -> bool:
+    """Keys, captions, pixels and every other field equal."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
 def test_resume_gives_exactly_the_batches_of_an_uninterrupted_run(tmp_path):
     folder = write_mixed(tmp_path / "s")
-    straight = ShardLoader(_cfg(folder), 1, 2, seed=0, batch_size=2)
-    expected = [next(straight)["key"] for _ in range(10)]
-    first = ShardLoader(_cfg(folder), 1, 2, seed=0, batch_size=2)
+    kw = {"caption_dropout": 0.3, "augment": ["hflip"], "buckets": [(9, 32, 32), (1, 32, 32)]}
+    straight = ShardLoader(_cfg(folder, **kw), 1, 2, seed=0, batch_size=2)
+    expected = [next(straight) for _ in range(10)]
+    first = ShardLoader(_cfg(folder, **kw), 1, 2, seed=0, batch_size=2)
     for _ in range(4):
         next(first)
-    resumed = ShardLoader(_cfg(folder, workers=2), 1, 2, seed=0, batch_size=2)
+    resumed = ShardLoader(_cfg(folder, workers=2, **kw), 1, 2, seed=0, batch_size=2)
     resumed.load_state_dict(first.state_dict())
-    assert [next(resumed)["key"] for _ in range(6)] == expected[4:]
+    got = [next(resumed) for _ in range(6)]
+    assert all(_same_batch(a, b) for a, b in zip(got, expected[4:]))     # pixels, captions, keys, streams
+    assert {b["stream"] for b in got} == {"video", "image"} and any(c == "" for b in got for c in b["caption"])
+    assert not _same_batch(got[0], expected[3])                          # the check tells batches apart
+
+
+def test_the_stream_of_a_step_is_the_same_for_all_its_micro_batches(tmp_path):
+    """1 rank x 4 micro-batches, 2 ranks x 2 and 4 ranks x 1 read the same batches at every optimizer step,
+    images included, and resume across those layouts exactly."""
+    folder = write_mixed(tmp_path / "s")
+
+    def steps(world: int, accumulation: int, n: int, state=None) -> tuple[list[list[tuple]], dict]:
+        loaders = [ShardLoader(_cfg(folder), r, world, seed=0, batch_size=2, accumulation=accumulation)
+                   for r in range(world)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        out = []
+        for _ in range(n):
+            batches = [next(loader) for _ in range(accumulation) for loader in loaders]
+            out.append(sorted((b["stream"], tuple(b["key"])) for b in batches))
+        return out, loaders[0].state_dict()
+
+    reference, _ = steps(1, 4, 8)
+    assert {stream for step in reference for stream, _ in step} == {"video", "image"}
+    assert all(len({stream for stream, _ in step}) == 1 for step in reference)      # one stream per step
+    assert steps(2, 2, 8)[0] == reference and steps(4, 1, 8)[0] == reference
+    first, state = steps(2, 2, 3)
+    assert first + steps(4, 1, 5, state)[0] == reference
 
 
 def test_epochs_reshuffle_and_caption_dropout_is_seeded(tmp_path):
@@ -279,35 +317,119 @@ def test_augmentations_are_seeded_per_sample_and_epoch(tmp_path):
 
 # --------------------------------------------------------------------------------------- bad input
 
-def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
-    good = mixed_samples(n_video=6, n_image=2)
-    (_, short), = make_clips(1, 32, 32, 5, seed=9)
-    full = good[0]["mp4"]
-    bad = [
-        {"__key__": "bad_truncated", "mp4": full[: len(full) // 2], "txt": "cut", "json": good[0]["json"]},
-        {"__key__": "bad_empty", "mp4": b"", "txt": "nothing", "json": good[0]["json"]},
-        {"__key__": "bad_nocaption", "mp4": full, "json": good[0]["json"]},
-        {"__key__": "bad_image", "png": b"\x89PNG\r\n not really", "txt": "broken", "json": good[-1]["json"]},
-        {"__key__": "bad_short", "mp4": encode_mp4(short, 8), "txt": "short",
-         "json": {"frames": 5, "fps": 8, "width": 32, "height": 32}},
-        {"__key__": "bad_lying", "mp4": encode_mp4(short, 8), "txt": "claims 9 frames",
-         "json": {"frames": 9, "fps": 8, "width": 32, "height": 32}},
-        {"__key__": "bad_pickle", "mp4": full, "txt": "x", "pyd": pickle.dumps({"boom": 1})},
-    ]
-    folder = write_shards(good + bad, tmp_path / "s", max_count=4).parent
-    loader = ShardLoader(_cfg(folder, image_fraction=0.25), 0, 1, seed=0, batch_size=2)
-    assert {k: v for k, v in loader.excluded.items() if v} == {
-        "empty_member": 1, "missing_caption": 1, "too_short": 1, "pickle_member": 1}
+def _epoch(loader: ShardLoader, steps: int) -> tuple[Counter, Counter]:
+    """(keys of epoch 0 with how often each came, runtime skips by reason) over `steps` batches."""
     keys, skipped = Counter(), Counter()
-    for _ in range(12):
+    for _ in range(steps):
         batch = next(loader)
         if batch["epoch"] == 0:
             keys.update(batch["key"])
             skipped.update(batch["skipped"])
+        assert len(batch["key"]) == len(batch["caption"]) == (0 if batch["padding"] else batch["video"].shape[0])
+    return keys, skipped
+
+
+def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path):
+    """One sample per reason, each counted under its own reason; every good sample still comes exactly once."""
+    good = mixed_samples(n_video=6, n_image=2)
+    (_, short), = make_clips(1, 32, 32, 5, seed=9)
+    full, meta = good[0]["mp4"], good[0]["json"]
+    bad = [
+        {"__key__": "bad_truncated", "mp4": full[: len(full) // 2], "txt": "cut", "json": meta},     # decoding
+        {"__key__": "bad_empty", "mp4": b"", "txt": "nothing", "json": meta},                      # index
+        {"__key__": "bad_nocaption", "mp4": full, "json": meta},                                    # index
+        {"__key__": "bad_image", "png": b"\x89PNG\r\n not really", "txt": "broken", "json": good[-1]["json"]},
+        {"__key__": "bad_short", "mp4": encode_mp4(short, 8), "txt": "short",                     # index
+         "json": {"frames": 5, "fps": 8, "width": 32, "height": 32}},
+        {"__key__": "bad_lying", "mp4": encode_mp4(short, 8), "txt": "claims 9 frames",           # decoding
+         "json": {"frames": 9, "fps": 8, "width": 32, "height": 32}},
+        {"__key__": "bad_nomedia", "txt": "a caption and metadata, no clip", "json": meta},       # index
+        {"__key__": "bad_unknown", "xyz": b"some bytes", "txt": "unknown member", "json": meta},  # index
+    ]
+    folder = write_shards(good + bad, tmp_path / "s", max_count=4).parent
+    loader = ShardLoader(_cfg(folder, image_fraction=0.25), 0, 1, seed=0, batch_size=2)
+    assert {k: v for k, v in loader.excluded.items() if v} == {
+        "empty_member": 1, "missing_caption": 1, "too_short": 1, "no_media": 2}
+    keys, skipped = _epoch(loader, 12)
     assert set(keys) == {s["__key__"] for s in good} and set(keys.values()) == {1}
-    assert skipped["undecodable_image"] == 1
-    assert skipped["too_short"] + skipped["undecodable"] == 2          # the cut and the lying clip
-    assert loader.skipped["undecodable_image"] >= 1                    # the loader keeps the running count
+    assert dict(skipped) == {"undecodable": 1, "undecodable_image": 1, "too_short": 1}
+    # The loader keeps the running count (over every epoch read so far).
+    assert set(loader.skipped) == set(skipped) and all(loader.skipped[r] >= n for r, n in skipped.items())
+
+
+class _WritesFile:
+    """A pickle payload: unpickling it writes a file (what a malicious shard member would do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (self.path, "unpickled")
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    """A sample with any pickle extension is skipped without reading it: the loader, the re-sharder and
+    cache-latents leave the payload's file unwritten."""
+    canary = tmp_path / "canary.txt"
+    payload = pickle.dumps(_WritesFile(canary))
+    pickle.loads(pickle.dumps(_WritesFile(tmp_path / "control.txt")))       # the payload does what it says
+    assert (tmp_path / "control.txt").read_text() == "unpickled"
+    good = mixed_samples(n_video=4, n_image=0)
+    bad = [{**good[i % 4], "__key__": f"pickled{ext}", ext: payload} for i, ext in enumerate(PICKLE_EXTS)]
+    folder = write_shards(good + bad, tmp_path / "s", max_count=3).parent
+    cfg = _cfg(folder, image_fraction=0.0, buckets=[(9, 32, 32), (9, 32, 48), (13, 32, 32)])
+    loader = ShardLoader(cfg, 0, 1, seed=0, batch_size=2)
+    assert loader.excluded["pickle_member"] == len(PICKLE_EXTS) == 5
+    keys, _ = _epoch(loader, 2 * loader.steps_per_epoch())
+    assert set(keys) == {s["__key__"] for s in good}
+    resharded = write_shards(webdataset_samples(sorted(folder.glob("*.tar"))), tmp_path / "again")
+    members = {m for shard in json.loads(resharded.read_text())["shards"] for s in shard["samples"] for m in s["members"]}
+    assert not members & set(PICKLE_EXTS)
+    run = load_config(REPO / "configs/demo.yaml", [f"data.shards={folder}", "data.buckets=[[9,32,32]]",
+                                                    "vae.checkpoint=unused"])
+    cache_latents(run, tmp_path / "latents", VideoVAE(VAEConfig(latent_channels=4, base_channels=8)).eval())
+    assert not canary.exists()
+
+
+def _latent_shards(folder: Path, broken: dict[str, dict]) -> Path:
+    """Latent samples with cached text (z 4, 9x32x32), keys t0..t5, with some members replaced or removed
+    (broken: key -> {member: bytes or None})."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        sample = {"__key__": f"t{i}", "txt": f"caption {i}",
+                  "latent.npy": npy_bytes(rng.standard_normal((4, 3, 4, 4)).astype(np.float16)),
+                  "text.npy": npy_bytes(rng.standard_normal((8, 16)).astype(np.float16)),
+                  "mask.npy": npy_bytes(np.arange(8) < 5), "json": {"frames": 9, "height": 32, "width": 32, "fps": 8}}
+        for member, data in broken.get(sample["__key__"], {}).items():
+            if data is None:
+                del sample[member]
+            else:
+                sample[member] = data
+        samples.append(sample)
+    return write_shards(samples, folder, max_count=3).parent
+
+
+def test_latent_shards_with_missing_or_corrupt_text_skip_the_sample(tmp_path):
+    """A latent sample whose cached text is missing (found in the index) or corrupt, or whose latent is
+    corrupt (found reading it), is skipped and counted; each batch keeps one latent, one caption and one
+    text embedding per sample (before, a corrupt text.npy left n + 1 latents against n captions)."""
+    folder = _latent_shards(tmp_path / "latents", {
+        "t1": {"text.npy": None}, "t2": {"mask.npy": None},
+        "t3": {"text.npy": b"\x93NUMPY garbage"}, "t4": {"latent.npy": npy_bytes(np.zeros((4, 2, 4, 4), np.float16))}})
+    loader = ShardLoader(DataConfig(shards=str(folder), buckets=[(9, 32, 32)], caption_dropout=0.0), 0, 1, seed=0,
+                         batch_size=2)
+    assert {k: v for k, v in loader.excluded.items() if v} == {"missing_text": 2}
+    keys, skipped = Counter(), Counter()
+    for _ in range(loader.steps_per_epoch()):
+        batch = next(loader)
+        keys.update(batch["key"])
+        skipped.update(batch["skipped"])
+        if not batch["padding"]:
+            n = len(batch["key"])
+            assert batch["latent"].shape[0] == len(batch["caption"]) == batch["text"].shape[0] == \
+                batch["text_mask"].shape[0] == n
+    assert set(keys) == {"t0", "t5"} and dict(skipped) == {"undecodable_text": 1, "undecodable_latent": 1}
 
 
 def test_a_batch_with_no_usable_sample_is_padding(tmp_path):

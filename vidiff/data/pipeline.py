@@ -30,13 +30,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vidiff.config import DataConfig
-from vidiff.data.buckets import Bucket, assign_bucket, frames_needed, make_buckets
+from vidiff.data.buckets import (SPATIAL_FACTOR, TEMPORAL_FACTOR, Bucket, assign_bucket, frames_needed,
+                                  make_buckets)
 from vidiff.data.shards import INDEX_NAME, PICKLE_EXTS, ShardError, media_kind, scan_tar
 from vidiff.data.video import ClipError, decode_clip, decode_image
 
 STREAMS = ("video", "image")
 # Why a sample is skipped while decoding (reasons found in the index alone are in ShardLoader.excluded).
-SKIP_REASONS = ("undecodable", "undecodable_image", "undecodable_latent", "too_short")
+SKIP_REASONS = ("undecodable", "undecodable_image", "undecodable_latent", "undecodable_text", "too_short")
+TEXT_MEMBERS = ("text.npy", "mask.npy")         # cached token embeddings of a latent sample (cache-latents --text)
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,13 @@ def load_index(shards: str) -> list[SampleRef]:
     return refs
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """An array from a shard, read with allow_pickle=False: never unpickled."""
+def load_npy(data: bytes, reason: str = "undecodable_latent") -> np.ndarray:
+    """An array from a shard, read with allow_pickle=False: never unpickled; unreadable bytes raise
+    ClipError(reason)."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        raise ClipError("undecodable_latent", str(exc)) from None
+    except (ValueError, EOFError, OSError) as exc:
+        raise ClipError(reason, str(exc)) from None
 
 
 def unit_hash(*parts: object) -> float:
@@ -83,9 +86,15 @@ def sample_stride(cfg: DataConfig, meta: dict) -> int:
     return cfg.frame_stride
 
 
-def classify(samples: list[SampleRef], cfg: DataConfig, buckets: list[Bucket]
+def has_text(ref: SampleRef) -> bool:
+    """Whether a latent sample carries cached token embeddings (both members, non-empty)."""
+    return all(ref.members.get(m, (0, 0))[1] > 0 for m in TEXT_MEMBERS)
+
+
+def classify(samples: list[SampleRef], cfg: DataConfig, buckets: list[Bucket], text_cached: bool = False
              ) -> tuple[dict[str, list[tuple[int, Bucket]]], Counter]:
-    """Usable samples per stream with their bucket, and the count of unusable ones by reason."""
+    """Usable samples per stream with their bucket, and the count of unusable ones by reason. text_cached: the
+    latent samples carry token embeddings, so one without them (or with half of them) is unusable."""
     streams: dict[str, list[tuple[int, Bucket]]] = {s: [] for s in STREAMS}
     excluded: Counter[str] = Counter()
     for i, ref in enumerate(samples):
@@ -100,6 +109,8 @@ def classify(samples: list[SampleRef], cfg: DataConfig, buckets: list[Bucket]
             excluded["missing_caption"] += 1
         elif not ref.meta:
             excluded["undecodable" if kind == "video" else f"undecodable_{kind}"] += 1
+        elif kind == "latent" and text_cached and not has_text(ref):
+            excluded["missing_text"] += 1
         elif kind == "latent":                        # cached at a bucket's size: only that bucket takes it
             m = ref.meta
             bucket = next((b for b in buckets if (b.frames, b.height, b.width) == (m["frames"], m["height"],
@@ -177,6 +188,7 @@ class _RankBatches(IterableDataset):
 
     def __init__(self, loader: "ShardLoader"):
         self.cfg, self.samples, self.planners = loader.cfg, loader.samples, loader.planners
+        self.text_cached = loader.text_cached
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.accumulation, self.micro, self.cursors = loader.accumulation, loader.micro_steps, dict(loader.cursors)
 
@@ -208,13 +220,15 @@ class _RankBatches(IterableDataset):
         clips, captions, keys, texts, skipped = [], [], [], [], Counter()
         for sample_id in sample_ids:
             ref = self.samples[sample_id]
-            try:
-                clips.append(self.load(ref, bucket, epoch))
-                if "text.npy" in ref.members:
-                    texts.append((load_npy(self.read(ref, "text.npy")), load_npy(self.read(ref, "mask.npy"))))
+            try:                                    # everything of a sample is read before any of it is kept
+                clip = self.load(ref, bucket, epoch)
+                text = self.text(ref, texts[0][0].shape if texts else None) if self.text_cached else None
             except ClipError as exc:
                 skipped[exc.reason] += 1
                 continue
+            clips.append(clip)
+            if text is not None:
+                texts.append(text)
             caption = self.caption(ref)
             drop = unit_hash(self.seed, epoch, ref.shard.name, ref.key, "caption") < self.cfg.caption_dropout
             captions.append("" if drop else caption)
@@ -230,7 +244,7 @@ class _RankBatches(IterableDataset):
             batch["video"] = stacked                                        # (B, T, H, W, 3)
         else:
             batch["latent"] = stacked.float()                               # (B, z, T', h, w) from cache-latents
-        if texts and len(texts) == len(clips):
+        if texts:                                                           # one per clip (text_cached)
             batch["text"] = torch.from_numpy(np.stack([t for t, _ in texts])).float()   # (B, L, Dt)
             batch["text_mask"] = torch.from_numpy(np.stack([m for _, m in texts]))
         return batch
@@ -241,6 +255,15 @@ class _RankBatches(IterableDataset):
             f.seek(offset)
             return f.read(size)
 
+    def text(self, ref: SampleRef, shape: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Cached token embeddings (L, Dt) and mask (L,) of a latent sample; raises ClipError("undecodable_text")
+        when unreadable, inconsistent, or not of the batch's shape."""
+        tokens, mask = (load_npy(self.read(ref, m), "undecodable_text") for m in TEXT_MEMBERS)
+        if tokens.ndim != 2 or mask.shape != tokens.shape[:1] or (shape is not None and tokens.shape != shape):
+            raise ClipError("undecodable_text", f"text.npy {tokens.shape} and mask.npy {mask.shape} of {ref.key} do "
+                            f"not make (L, Dt) and (L,){'' if shape is None else f' with (L, Dt) = {shape}'}")
+        return tokens, mask.astype(bool)
+
     def caption(self, ref: SampleRef) -> str:
         return self.read(ref, "txt").decode("utf-8", errors="replace").strip()
 
@@ -249,7 +272,13 @@ class _RankBatches(IterableDataset):
         kind, ext = media_kind(ref.members)
         data = self.read(ref, ext)
         if kind == "latent":
-            return load_npy(data)
+            latent = load_npy(data)
+            expected = (1 + (bucket.frames - 1) // TEMPORAL_FACTOR, bucket.height // SPATIAL_FACTOR,
+                        bucket.width // SPATIAL_FACTOR)
+            if latent.ndim != 4 or latent.shape[1:] != expected:
+                raise ClipError("undecodable_latent", f"latent.npy of {ref.key} has shape {latent.shape}; bucket "
+                                f"{bucket.name} needs (z, {', '.join(map(str, expected))})")
+            return latent
         if kind == "image":
             frames = decode_image(data, bucket.height, bucket.width)
         else:
@@ -283,8 +312,10 @@ class ShardLoader:
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.samples = load_index(cfg.shards)
         self.buckets = make_buckets(cfg, batch_size)
-        streams, self.excluded = classify(self.samples, cfg, self.buckets)
-        latent = next((r for r in self.samples if media_kind(r.members)[0] == "latent"), None)
+        latents = [r for r in self.samples if media_kind(r.members)[0] == "latent"]
+        self.text_cached = any(has_text(r) for r in latents)     # cache-latents --text: every sample needs it
+        streams, self.excluded = classify(self.samples, cfg, self.buckets, self.text_cached)
+        latent = latents[0] if latents else None
         if cfg.augment and latent is not None:
             raise ShardError(f"data.augment {cfg.augment} transforms pixels, but {latent.shard} holds latents "
                              "(cache-latents output); set data.augment: [] for latent shards")
