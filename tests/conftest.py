@@ -1,7 +1,9 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,22 @@ def shm_workspaces(port: int) -> set[str]:
     """DeepSpeed's CPU shared-memory workspaces of the run on `port` (named ..._<addr>_<port>_<rank>): a test
     checks its own run's only, not other workspaces on the machine."""
     return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")}
+
+
+def kill_after_checkpoint(command: list[str], env: dict, cwd: Path, run: Path, tag: str) -> None:
+    """Start a run and SIGKILL every process of it as soon as `checkpoints/latest` names `tag` (a crash right
+    after a checkpoint; the run's next checkpoint must be steps away)."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    latest, deadline = run / "checkpoints/latest", time.monotonic() + 600
+    while not (latest.is_file() and latest.read_text() == tag):
+        assert process.poll() is None, f"the run ended before checkpoint {tag}: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint {tag} after 10 minutes"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert latest.read_text() == tag, "the run reached its next checkpoint before it was killed"
 
 
 @pytest.fixture(scope="session")

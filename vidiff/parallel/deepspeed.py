@@ -22,6 +22,28 @@ OWNED = {
 }
 
 
+# Keys that make DeepSpeed's save_checkpoint return before the files are on disk (its decoupled and datastates
+# writers; `checkpoint.writer` selects those or the fast writer, which needs async_io and writes only some
+# ranks' files with data_parallel): vidiff flushes the files and moves `latest` as soon as save_checkpoint
+# returns, and does not wait for a writer working behind it.
+ASYNC_CHECKPOINT = {
+    "checkpoint.writer": "selects DeepSpeed's fast/decoupled checkpoint writer",
+    "datastates_ckpt": "turns on DeepSpeed's asynchronous DataStates checkpointing",
+}
+
+
+def _refuse_async_checkpoints(extra: dict) -> None:
+    for path, what in ASYNC_CHECKPOINT.items():
+        node: object = extra
+        for part in path.split("."):
+            node = node.get(part, None) if isinstance(node, dict) else None
+        if node is not None and node is not False:
+            raise LayoutError(f"deepspeed.{path} {what}, which can return from save_checkpoint before the files are "
+                              "written; vidiff moves checkpoints/latest right after it returns and does not wait for "
+                              f"an asynchronous writer, so remove deepspeed.{path} (vidiff writes with torch.save and "
+                              "fsyncs every file before latest moves)")
+
+
 def zero3_buckets(hidden_size: int) -> dict[str, int]:
     """ZeRO-3 communication sizes from the model width, after DeepSpeed's HuggingFace integration (reduce and
     prefetch buckets of about hidden^2 elements, parameters under 10 x hidden kept whole on every rank), with
@@ -80,4 +102,5 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         config["tensor_parallel"] = {"autotp_size": layout.tensor,
                                      "partition_config": {"use_default_specs": False,
                                                           "layer_specs": autotp_layer_specs()}}
+    _refuse_async_checkpoints(cfg.deepspeed)
     return _merge(config, cfg.deepspeed)

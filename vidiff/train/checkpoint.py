@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import deepspeed
@@ -31,6 +32,32 @@ CONFIG_NAME = "config.yaml"
 
 class CheckpointError(InputError, FileNotFoundError):
     """No usable checkpoint where one was expected."""
+
+
+def _deepspeed_globals() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files (ZeRO optimizer states: the stage enum,
+    the loss scaler, fragment addresses), allowlisted for torch.load(weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make the engine read its checkpoint files with torch.load(weights_only=True): DeepSpeed's own torch engine
+    passes weights_only=False, which would run any code pickled into a checkpoint. Saving is unchanged."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}: vidiff loads "
+                              "checkpoints through DeepSpeed's torch engine only (see parallel/deepspeed.py)")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
 def _rank() -> int:
@@ -141,7 +168,14 @@ def resume(engine, run_dir: Path) -> tuple[Path, dict] | None:
     tag_dir = latest_tag(run_dir)
     if tag_dir is None:
         return None
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    use_weights_only_loading(engine)
+    try:
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except pickle.UnpicklingError as error:
+        unsupported = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        raise CheckpointError(f"checkpoint {tag_dir} holds pickled objects that are not weights ({unsupported}); "
+                              "vidiff loads checkpoints with torch.load(weights_only=True) and will not run them. "
+                              "Resume from another tag by pointing checkpoints/latest at it") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     return tag_dir, json.loads((tag_dir / STATE_NAME).read_text())

@@ -1,0 +1,82 @@
+"""Checkpoints: DeepSpeed's files are read with torch.load(weights_only=True) (code pickled into a checkpoint never
+runs), and a `deepspeed:` passthrough that would write checkpoints behind vidiff's back is refused before launch."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import REPO, free_port, run_vidiff
+from vidiff.config import load_config
+from vidiff.parallel.deepspeed import deepspeed_config
+from vidiff.parallel.layout import make_layout
+from vidiff.parallel.sharded import build_sharded_engine
+from vidiff.train import checkpoint
+from vidiff.train.objectives import build_denoiser
+from vidiff.train.trainer import make_optimizer, release_shm_workspace, seed_everything
+
+
+class _WritesFile:
+    """Unpickling this writes a file: what code hidden in a checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.path), "unpickled")
+
+
+def _resume_worker(rank: int, port: int, run: str, weights_only: bool) -> None:
+    """One rank: train one step, checkpoint it, plant a payload in DeepSpeed's model-states file, resume."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_SIZE="1")
+    import deepspeed
+
+    deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+    cfg = load_config(REPO / "configs/demo.yaml", ["vae.checkpoint=unused", "model.hidden_size=32", "model.depth=1",
+                                                    "model.num_heads=2", f"out_dir={run}"])
+    layout = make_layout(cfg, 1)
+    seed_everything(0)
+    engine, _ = build_sharded_engine(cfg, layout, lambda: build_denoiser(cfg, 4, 384), deepspeed_config(cfg, layout),
+                                     make_optimizer)
+    tag = checkpoint.save(engine, Path(run), 1, {"samples_seen": 0}, layout)
+    states = next(tag.glob("*model_states.pt"))
+    state = torch.load(states, weights_only=False)
+    state["payload"] = _WritesFile(f"{run}/canary.txt")
+    torch.save(state, states)
+    if not weights_only:                  # the negative control: DeepSpeed's own engine (weights_only=False)
+        checkpoint.use_weights_only_loading = lambda engine: None
+    try:
+        checkpoint.resume(engine, Path(run))
+    except checkpoint.CheckpointError as error:
+        Path(f"{run}/refused.txt").write_text(str(error))
+    release_shm_workspace()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_resume_never_runs_code_pickled_into_a_checkpoint(tmp_path, weights_only):
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), weights_only), nprocs=1)
+    if weights_only:
+        assert not (tmp_path / "canary.txt").exists()
+        refused = (tmp_path / "refused.txt").read_text()
+        assert "holds pickled objects that are not weights" in refused and "Unsupported global" in refused, refused
+    else:                                 # what would happen without it: the payload ran
+        assert (tmp_path / "canary.txt").read_text() == "unpickled"
+
+
+@pytest.mark.parametrize("passthrough, key", [
+    ("{checkpoint: {writer: {decoupled: true}}}", "deepspeed.checkpoint.writer"),
+    ("{checkpoint: {writer: {type: fast}}}", "deepspeed.checkpoint.writer"),
+    ("{datastates_ckpt: {}}", "deepspeed.datastates_ckpt"),
+])
+def test_an_asynchronous_checkpoint_writer_is_refused_before_launch(passthrough, key):
+    result = run_vidiff("check", "--world-size", "2", str(REPO / "configs/demo.yaml"), f"deepspeed={passthrough}")
+    assert result.returncode == 2
+    assert key in result.stderr and "does not wait" in result.stderr
+    allowed = run_vidiff("check", str(REPO / "configs/demo.yaml"),
+                         "deepspeed={datastates_ckpt: false, checkpoint: {tag_validation: FAIL}}")
+    assert allowed.returncode == 0, allowed.stderr
