@@ -1,17 +1,23 @@
-"""Small real datasets for data tests: mp4 clips and PNG images of several shapes, with captions."""
+"""Small real datasets for tests: mp4 clips and PNG images of several shapes with captions, latent shards, and a
+VAE run folder for DiT runs on latents."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
+from safetensors.torch import save_file
 
+from vidiff.config import RunConfig, VAEConfig, save_config
+from vidiff.data.latents import npy_bytes
 from vidiff.data.shards import write_shards
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import encode_mp4
+from vidiff.models.vae import VideoVAE
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -51,3 +57,29 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def vae_run_folder(folder: Path) -> None:
+    """A VAE run folder as the trainer exports one (untrained: the DiT here reads latent shards)."""
+    cfg = RunConfig(task="vae", out_dir=str(folder), vae=VAEConfig(latent_channels=4, base_channels=8))
+    tag = folder / "checkpoints/step00000001"
+    tag.mkdir(parents=True)
+    save_config(cfg, folder / "config.yaml")
+    save_file({k: v.contiguous() for k, v in VideoVAE(cfg.vae).state_dict().items()}, str(tag / "model.safetensors"))
+    (folder / "checkpoints/latest").write_text(tag.name)
+
+
+def latent_samples(n: int, shapes=((9, 32, 32),)) -> Iterator[dict]:
+    """Latent shard samples with cached token embeddings (MiniLM width), a fifth of them with a dropped caption;
+    sample i is cached at shapes[i % len(shapes)] (frames, height, width)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        frames, height, width = shapes[i % len(shapes)]
+        mask = np.arange(8) < rng.integers(1, 8)
+        dropped = i % 5 == 0
+        latent = rng.standard_normal((4, 1 + (frames - 1) // 4, height // 8, width // 8)).astype(np.float16)
+        yield {"__key__": f"s{i:04d}", "txt": "" if dropped else f"caption {i}",
+               "latent.npy": npy_bytes(latent),
+               "text.npy": npy_bytes(rng.standard_normal((8, 384)).astype(np.float16)),
+               "mask.npy": npy_bytes(mask & (not dropped)),
+               "json": {"frames": frames, "height": height, "width": width, "fps": 8}}

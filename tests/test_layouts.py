@@ -6,16 +6,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import REPO, free_port, kill_after_checkpoint, shm_workspaces
-from vidiff.config import RunConfig, VAEConfig, load_config, save_config
-from vidiff.data.latents import npy_bytes
+from datasets import latent_samples, vae_run_folder
+from vidiff.config import load_config
 from vidiff.data.shards import write_shards
-from vidiff.models.vae import VideoVAE
 from vidiff.train.monitor import read_scalars
 from vidiff.train.objectives import build_denoiser
 from vidiff.train.trainer import seed_everything
@@ -49,32 +47,6 @@ WEIGHT_RTOL = 2e-5
 BF16_UPDATE_RTOL, BF16_UPDATE_SIZE_RTOL = 0.15, 0.05
 
 
-def _vae_run(folder) -> None:
-    """A VAE run folder as the trainer exports one (untrained: the DiT here reads latent shards)."""
-    cfg = RunConfig(task="vae", out_dir=str(folder), vae=VAEConfig(latent_channels=4, base_channels=8))
-    tag = folder / "checkpoints/step00000001"
-    tag.mkdir(parents=True)
-    save_config(cfg, folder / "config.yaml")
-    save_file({k: v.contiguous() for k, v in VideoVAE(cfg.vae).state_dict().items()}, str(tag / "model.safetensors"))
-    (folder / "checkpoints/latest").write_text(tag.name)
-
-
-def _latent_samples(n: int, shapes=((9, 32, 32),)):
-    """Latent shard samples with cached token embeddings (MiniLM width), a fifth of them with a dropped caption;
-    sample i is cached at shapes[i % len(shapes)] (frames, height, width)."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        frames, height, width = shapes[i % len(shapes)]
-        mask = np.arange(8) < rng.integers(1, 8)
-        dropped = i % 5 == 0
-        latent = rng.standard_normal((4, 1 + (frames - 1) // 4, height // 8, width // 8)).astype(np.float16)
-        yield {"__key__": f"s{i:04d}", "txt": "" if dropped else f"caption {i}",
-               "latent.npy": npy_bytes(latent),
-               "text.npy": npy_bytes(rng.standard_normal((8, 384)).astype(np.float16)),
-               "mask.npy": npy_bytes(mask & (not dropped)),
-               "json": {"frames": frames, "height": height, "width": width, "fps": 8}}
-
-
 def _command(tmp_path, name: str, ranks: int, overrides: list[str]) -> tuple[list[str], dict, int]:
     """The launcher command of a run from open gates (model.zero_init=false: every parameter has a gradient
     from step 1), checkpointing at steps 10 and 20; its environment and master port."""
@@ -106,9 +78,9 @@ def _weights(run, name: str) -> dict[str, torch.Tensor]:
 def layouts_dir(tmp_path_factory):
     """Latent shards of one shape and of three (two clip shapes and images), and a VAE run folder."""
     tmp_path = tmp_path_factory.mktemp("layouts")
-    _vae_run(tmp_path / "vae")
-    write_shards(_latent_samples(48), tmp_path / "latents", max_count=16)
-    write_shards(_latent_samples(60, ((9, 32, 32), (9, 32, 48), (1, 32, 32))), tmp_path / "bucketed", max_count=16)
+    vae_run_folder(tmp_path / "vae")
+    write_shards(latent_samples(48), tmp_path / "latents", max_count=16)
+    write_shards(latent_samples(60, ((9, 32, 32), (9, 32, 48), (1, 32, 32))), tmp_path / "bucketed", max_count=16)
     return tmp_path
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -44,6 +44,17 @@ def peak_tflops(precision: str, configured: float | None) -> tuple[float, str]:
     return measured_peak_tflops(dtype), "measured matmul on this CPU"
 
 
+# What a scalar counts, shown with it in TensorBoard (the tag's description, written with its first value).
+DESCRIPTIONS = {
+    "train/loss": "Mean per-sample loss over the usable samples of the step's global batch (all micro-batches "
+                  "and data-parallel ranks; skipped samples and padding batches excluded).",
+    "train/grad_norm": "Global gradient norm before clipping, over all parameters of all ranks.",
+    "perf/tokens_per_s": "Latent tokens (after patchify) per second over all ranks, each token counted once.",
+    "perf/mfu": "Model FLOPs per second (what runs per token, plus attention: models/dit.training_flops_per_token) "
+                "over ranks x peak FLOP/s of one device.",
+}
+
+
 class Monitor:
     """Logs scalars to runs/<name>/tb and advances a progress bar; a no-op on ranks other than 0."""
 
@@ -53,6 +64,7 @@ class Monitor:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, mininterval=1.0) if self.active else None
         self._last = time.perf_counter()
+        self._described: set[str] = set()
 
     def step_seconds(self) -> float:
         """Seconds since the previous call (the wall time of one training step)."""
@@ -64,7 +76,14 @@ class Monitor:
         if not self.active:
             return
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
+            if name in DESCRIPTIONS and name not in self._described:     # the first value carries the description
+                self._described.add(name)
+                metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"),
+                                           summary_description=DESCRIPTIONS[name])
+                summary = Summary(value=[Summary.Value(tag=name, simple_value=value, metadata=metadata)])
+                self.writer._get_file_writer().add_summary(summary, step)
+            else:
+                self.writer.add_scalar(name, value, step)
         if "train/loss" in scalars:                 # evaluation logs its own scalars at the same step
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
 
@@ -110,6 +129,12 @@ def read_images(run_dir: Path, tag: str) -> dict[int, bytes]:
     """{step: encoded image bytes} of one image summary (e.g. a GIF preview), read back from event files."""
     return {e.step: e.encoded_image_string for acc in _event_files(run_dir) if tag in acc.Tags()["images"]
             for e in acc.Images(tag)}
+
+
+def scalar_description(run_dir: Path, tag: str) -> str:
+    """The description a scalar was written with (DESCRIPTIONS), read back from the event files."""
+    return next((acc.SummaryMetadata(tag).summary_description for acc in _event_files(run_dir)
+                 if tag in acc.Tags()["scalars"]), "")
 
 
 def scalar_tags(run_dir: Path) -> list[str]:
