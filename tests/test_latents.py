@@ -1,5 +1,11 @@
-"""Latent shards: what cache-latents writes is what the loader reads back; a rerun skips finished shards."""
+"""Latent shards: what cache-latents writes is what the loader reads back, several windows of each clip; a rerun
+skips finished shards."""
 
+import io
+import json
+import tarfile
+
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +31,8 @@ def test_latent_shards_round_trip_and_resume(tmp_path):
 
     batch = cfg.parallel.micro_batch
     raw = ShardLoader(cfg.data.model_copy(update={"random_start": False}), 0, 1, seed=0, batch_size=batch)
-    cached = ShardLoader(cfg.data.model_copy(update={"shards": str(out)}), 0, 1, seed=0, batch_size=batch)
+    cached = ShardLoader(cfg.data.model_copy(update={"shards": str(out), "random_start": False}), 0, 1, seed=0,
+                         batch_size=batch)
     assert cached.steps_per_epoch() == raw.steps_per_epoch()
     a, b = next(raw), next(cached)
     assert a["key"] == b["key"] and a["caption"] == b["caption"]
@@ -41,3 +48,46 @@ def test_latent_shards_round_trip_and_resume(tmp_path):
     with pytest.raises(ShardError, match=r"data.augment \['hflip'\] transforms pixels.*holds latents"):
         ShardLoader(cfg.data.model_copy(update={"shards": str(out), "augment": ["hflip"]}), 0, 1, seed=0,
                     batch_size=batch)
+
+
+def test_clips_are_cached_at_several_windows_and_the_loader_picks_one_per_epoch(tmp_path):
+    """A 13-frame clip in a 9-frame bucket has 5 possible starts: cache-latents encodes frame 0 and seeded starts
+    (each window equals encoding the clip from that frame); with data.random_start the loader's choice changes
+    across epochs, without it the loader always gives the frame-0 window."""
+    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=3)      # 9- and 13-frame clips
+    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
+                                                    "vae.checkpoint=unused", "data.caption_dropout=0"])
+    torch.manual_seed(0)
+    vae = VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+    out = tmp_path / "latents"
+    cache_latents(cfg, out, vae, windows=4)
+    index = json.loads(write_index(out).read_text())
+    samples = {s["key"]: (shard["path"], s) for shard in index["shards"] for s in shard["samples"]}
+    reader = ShardLoader(cfg.data, 0, 1, seed=0, batch_size=1).dataset()
+    by_key = {r.key: r for r in reader.samples}
+    long_keys = [k for k, r in by_key.items() if r.meta["frames"] == 13]
+    assert long_keys
+    for key in long_keys:
+        path, sample = samples[key]
+        with tarfile.open(out / path) as tar:
+            members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(key)}
+        latent = np.load(io.BytesIO(members["latent.npy"]), allow_pickle=False)           # (W, z, T', h, w)
+        starts = json.loads(members["json"])["windows"]
+        assert starts[0] == 0 and len(starts) == len(latent) > 1 and starts == sorted(set(starts))
+        for start, window in zip(starts, latent):
+            clip = reader.load(by_key[key], reader.planners["video"].buckets[0], epoch=0, start=start)
+            expected = vae.encode(to_model_input(torch.from_numpy(clip)[None]))[0]
+            torch.testing.assert_close(torch.from_numpy(window).float(), expected, atol=2e-3, rtol=2e-3)
+
+    def windows_seen(random_start: bool) -> dict[str, set[float]]:
+        """The distinct latents each 13-frame clip came as, over 6 epochs."""
+        loader = ShardLoader(cfg.data.model_copy(update={"shards": str(out), "random_start": random_start}), 0, 1,
+                             seed=0, batch_size=1)
+        seen: dict[str, set[float]] = {key: set() for key in long_keys}
+        for _ in range(6 * loader.steps_per_epoch()):
+            batch = next(loader)
+            if batch["key"][0] in seen:
+                seen[batch["key"][0]].add(round(float(batch["latent"].sum()), 3))
+        return seen
+    assert all(len(v) == 1 for v in windows_seen(random_start=False).values())
+    assert sum(len(v) for v in windows_seen(random_start=True).values()) > len(long_keys)

@@ -21,6 +21,17 @@ def _prepare_environment() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _device():
+    """cuda:LOCAL_RANK when there is a GPU (each launcher rank its own), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def _load(args: argparse.Namespace) -> RunConfig:
     try:
         return load_config(args.config, args.overrides)
@@ -80,11 +91,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"vidiff: {run_dir} is a {run_cfg.task!r} run; sample needs a DiT run", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     torch.set_grad_enabled(False)
-    vae = load_vae(run_cfg.vae.checkpoint)
-    text = TextEncoder(run_cfg.text)
+    device = _device()
+    vae = load_vae(run_cfg.vae.checkpoint).to(device)
+    text = TextEncoder(run_cfg.text).to(device)
     model = Precond(DiT(run_cfg.model, vae.cfg.latent_channels, text.dim), run_cfg.edm.sigma_data)
     model.load_state_dict(weights)
-    model.eval()
+    model.to(device).eval()
 
     frames, height, width = run_cfg.data.video_shape
     shape = latent_shape(frames, height, width, vae.cfg.latent_channels)
@@ -117,11 +129,12 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     from vidiff.train.checkpoint import load_vae
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device()
     if world > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    text = TextEncoder(cfg.text) if args.text else None
-    written = cache_latents(cfg, args.out, load_vae(cfg.vae.checkpoint), text, rank, world)
+    text = TextEncoder(cfg.text).to(device) if args.text else None
+    written = cache_latents(cfg, args.out, load_vae(cfg.vae.checkpoint).to(device), text, rank, world, args.windows)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -197,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("cache-latents", help="encode a DiT config's shards into latent shards"))
     p.add_argument("--out", required=True, help="folder for latents-<shard>.tar and index.json")
     p.add_argument("--text", action="store_true", help="also store the text encoder's token embeddings")
+    p.add_argument("--windows", type=positive_int, default=4,
+                   help="windows per clip: frame 0 and seeded start frames (default 4; the loader picks one per "
+                        "epoch with data.random_start)")
     p.set_defaults(func=cmd_cache_latents)
 
     p = sub.add_parser("shards", help="write webdataset shards (clip bytes unchanged, .txt, .json) and index.json")

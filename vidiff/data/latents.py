@@ -2,9 +2,15 @@
 trainer never runs the VAE. One latent shard per input shard, written atomically, so a restarted job skips
 the shards already done; shards are spread over ranks.
 
-A latent sample holds `latent.npy` (float16 (z, T', h, w), normalized as VideoVAE.encode returns it), the
-caption `.txt`, optionally `text.npy` (float16 (L, Dt) token embeddings) and `mask.npy` (bool (L,)), and
-`.json` metadata (the bucket's frames, height, width; the source shard and key).
+A latent sample holds `latent.npy` (float16 (W, z, T', h, w): W windows of the clip, each normalized as
+VideoVAE.encode returns it), the caption `.txt`, optionally `text.npy` (float16 (L, Dt) token embeddings) and
+`mask.npy` (bool (L,)), and `.json` metadata (the bucket's frames, height, width; the windows' start frames; the
+source shard and key).
+
+Windows: a clip longer than its bucket is encoded at up to `windows` start frames, the first at frame 0 and the
+others seeded per clip, so a DiT trained on latents sees other parts of its clips, as one trained on pixels with
+data.random_start does: the loader picks one window per (seed, epoch, sample) when random_start is on, and the
+first otherwise. A clip with no spare frames has one window.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vidiff.config import RunConfig
-from vidiff.data.pipeline import ShardLoader, to_model_input
+from vidiff.data.buckets import frames_needed
+from vidiff.data.pipeline import ShardLoader, sample_stride, to_model_input, unit_hash
 from vidiff.data.video import ClipError
 
 
@@ -28,12 +35,22 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def window_starts(spare: int, windows: int, seed: int, shard: str, key: str) -> list[int]:
+    """Start frames of a clip's cached windows: 0, then seeded starts in [0, spare], without repeats."""
+    starts = [0] + [int(unit_hash(seed, "window", shard, key, k) * (spare + 1)) for k in range(1, windows)]
+    return sorted(set(starts)) if spare > 0 else [0]
+
+
 @torch.no_grad()
 def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank: int = 0,
-                  world_size: int = 1) -> list[Path]:
-    """Encode this rank's share of cfg.data.shards into OUT/latents-<shard>.tar; returns the shards written."""
+                  world_size: int = 1, windows: int = 4) -> list[Path]:
+    """Encode this rank's share of cfg.data.shards into OUT/latents-<shard>.tar, up to `windows` windows per clip;
+    returns the shards written."""
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = next(vae.parameters()).device
     data_cfg = cfg.data.model_copy(update={"random_start": False, "caption_dropout": 0.0, "num_workers": 0,
                                          "augment": []})
     loader = ShardLoader(data_cfg, 0, 1, cfg.seed, batch_size=cfg.parallel.micro_batch)
@@ -52,20 +69,24 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
         with wds.TarWriter(str(tmp)) as sink:
             for sample_id, bucket in sorted(by_shard[shard], key=lambda e: e[0]):
                 ref = loader.samples[sample_id]
+                spare = 0 if bucket.is_image else ref.meta["frames"] - frames_needed(bucket, sample_stride(data_cfg, ref.meta))
+                starts = window_starts(spare, windows, loader.seed, shard.name, ref.key)
                 try:
-                    clip = reader.load(ref, bucket, epoch=0)
+                    clips = [reader.load(ref, bucket, epoch=0, start=start) for start in starts]
                 except ClipError as exc:
                     loader.skipped[exc.reason] += 1
                     continue
-                latent = vae.encode(to_model_input(torch.from_numpy(clip)[None]))[0]      # (z, T', h, w)
+                latent = torch.cat([vae.encode(to_model_input(torch.from_numpy(clip)[None], device))
+                                    for clip in clips]).cpu()                     # (W, z, T', h, w)
                 caption = reader.caption(ref)
                 sample = {"__key__": ref.key, "latent.npy": npy_bytes(latent.half().numpy()), "txt": caption,
                           "json": {"frames": bucket.frames, "height": bucket.height, "width": bucket.width,
-                                   "fps": ref.meta.get("fps", 0), "source": f"{shard.name}:{ref.key}"}}
+                                   "fps": ref.meta.get("fps", 0), "windows": starts,
+                                   "source": f"{shard.name}:{ref.key}"}}
                 if text_encoder is not None:
                     tokens, mask = text_encoder([caption])
-                    sample["text.npy"] = npy_bytes(tokens[0].half().numpy())
-                    sample["mask.npy"] = npy_bytes(mask[0].numpy())
+                    sample["text.npy"] = npy_bytes(tokens[0].half().cpu().numpy())
+                    sample["mask.npy"] = npy_bytes(mask[0].cpu().numpy())
                 sink.write(sample)
         tmp.replace(target)
         written.append(target)

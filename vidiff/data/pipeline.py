@@ -267,28 +267,38 @@ class _RankBatches(IterableDataset):
     def caption(self, ref: SampleRef) -> str:
         return self.read(ref, "txt").decode("utf-8", errors="replace").strip()
 
-    def load(self, ref: SampleRef, bucket: Bucket, epoch: int) -> np.ndarray:
-        """uint8 (T, H, W, 3) at the bucket's size."""
+    def load(self, ref: SampleRef, bucket: Bucket, epoch: int, start: int | None = None) -> np.ndarray:
+        """uint8 (T, H, W, 3) at the bucket's size, from frame `start` (default: seeded with data.random_start,
+        else 0); or a latent (z, T', h, w) from latent shards (one of its windows, chosen the same way)."""
         kind, ext = media_kind(ref.members)
         data = self.read(ref, ext)
         if kind == "latent":
-            latent = load_npy(data)
-            expected = (1 + (bucket.frames - 1) // TEMPORAL_FACTOR, bucket.height // SPATIAL_FACTOR,
-                        bucket.width // SPATIAL_FACTOR)
-            if latent.ndim != 4 or latent.shape[1:] != expected:
-                raise ClipError("undecodable_latent", f"latent.npy of {ref.key} has shape {latent.shape}; bucket "
-                                f"{bucket.name} needs (z, {', '.join(map(str, expected))})")
-            return latent
+            return self.latent(ref, load_npy(data), bucket, epoch)
         if kind == "image":
             frames = decode_image(data, bucket.height, bucket.width)
         else:
             stride = sample_stride(self.cfg, ref.meta)
             spare = ref.meta["frames"] - frames_needed(bucket, stride)
-            start = int(unit_hash(self.seed, epoch, ref.shard.name, ref.key, "start") * (spare + 1)) \
-                if self.cfg.random_start and spare > 0 else 0
+            if start is None:
+                start = self.pick(ref, epoch, "start", spare + 1) if spare > 0 else 0
             frames = decode_clip(data, bucket.frames, bucket.height, bucket.width, stride, start,
                                  self.cfg.decode_threads)
         return self.augmented(frames, ref, epoch)
+
+    def pick(self, ref: SampleRef, epoch: int, what: str, n: int) -> int:
+        """One of n choices for a sample in an epoch: seeded with data.random_start, else the first."""
+        return int(unit_hash(self.seed, epoch, ref.shard.name, ref.key, what) * n) if self.cfg.random_start else 0
+
+    def latent(self, ref: SampleRef, latent: np.ndarray, bucket: Bucket, epoch: int) -> np.ndarray:
+        """(z, T', h, w): one window of a cached (W, z, T', h, w) latent (a 4-D latent is one window)."""
+        expected = (1 + (bucket.frames - 1) // TEMPORAL_FACTOR, bucket.height // SPATIAL_FACTOR,
+                    bucket.width // SPATIAL_FACTOR)
+        if latent.ndim == 4:
+            latent = latent[None]
+        if latent.ndim != 5 or latent.shape[2:] != expected or not len(latent):
+            raise ClipError("undecodable_latent", f"latent.npy of {ref.key} has shape {latent.shape}; bucket "
+                            f"{bucket.name} needs (windows, z, {', '.join(map(str, expected))})")
+        return latent[self.pick(ref, epoch, "window", len(latent))]
 
     def augmented(self, frames: np.ndarray, ref: SampleRef, epoch: int) -> np.ndarray:
         """(T, H, W, 3) with each of data.augment applied on a seeded coin flip per (epoch, sample)."""

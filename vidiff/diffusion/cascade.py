@@ -21,13 +21,14 @@ Decode = Callable[[torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def sample_base(denoise: Denoiser, encode_text: TextEncode, prompt: str, latent_shape: tuple[int, ...],
                 sample: SampleConfig, edm: EDMConfig, generator: torch.Generator) -> torch.Tensor:
-    """One prompt -> latent (1, C, T', h, w) by EDM Heun sampling with classifier-free guidance."""
+    """One prompt -> latent (1, C, T', h, w) by EDM Heun sampling with classifier-free guidance, on the text
+    encoder's device; the noise is drawn on the CPU, so a seed gives the same start on any device."""
     text, mask = encode_text([prompt])
     null_text, null_mask = encode_text([""])
     denoise_cfg = guided(denoise, {"text": text, "text_mask": mask},
                          {"text": null_text, "text_mask": null_mask}, sample.guidance)
     sigmas = karras_sigmas(sample.steps, edm.sigma_min, edm.sigma_max, edm.rho)
-    x = torch.randn((1, *latent_shape), generator=generator) * sigmas[0].float()
+    x = (torch.randn((1, *latent_shape), generator=generator) * sigmas[0].float()).to(text.device)
     return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=sample.S_churn)
 
 

@@ -54,7 +54,8 @@ def sample_heun(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, genera
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= t_cur <= S_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * S_noise
+            # Drawn on the generator's device (the CPU by default) and moved: the same churn on any device.
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) * S_noise
             x = x + math.sqrt(t_hat**2 - t_cur**2) * eps
         d_cur = (x - _denoise(denoise, x, t_hat, **cond)) / t_hat
         x_next = x + (t_next - t_hat) * d_cur

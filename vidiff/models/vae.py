@@ -332,9 +332,10 @@ class VideoVAE(nn.Module):
             raise ValueError(f"height and width must be multiples of {SPATIAL_FACTOR}, got {tuple(video.shape[-2:])}")
 
     def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior N(mean, exp(logvar)) of the raw latent, in one pass; video (B, 3, 1 + 4k, H, W)."""
+        """Posterior N(mean, exp(logvar)) of the raw latent, in one pass; video (B, 3, 1 + 4k, H, W), cast to the
+        weights' dtype (bf16 training)."""
         self._check(video)
-        mean, logvar = self.encoder(video).chunk(2, dim=1)
+        mean, logvar = self.encoder(video.to(self.encoder.patch.weight.dtype)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def forward(self, video: torch.Tensor, noise: torch.Tensor | None = None):

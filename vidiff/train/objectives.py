@@ -70,6 +70,7 @@ class VAEObjective:
         video = batch["video"]                                              # (B, 3, T, H, W)
         noise = per_sample_noise(seeds, latent_shape(*video.shape[2:], self.cfg.vae.latent_channels), video.device)
         recon, mean, logvar = engine(video, noise=noise)
+        recon, mean, logvar = recon.float(), mean.float(), logvar.float()  # bf16 runs: the loss in fp32
         l1 = (recon - video).abs().flatten(1).mean(1)                       # (B,)
         mse = (recon - video).pow(2).flatten(1).mean(1)
         kl = kl_divergence(mean, logvar).flatten(1).mean(1)
@@ -111,7 +112,7 @@ class VAEObjective:
         scores, preview = [], None
         for batch in batches:
             video = batch["video"]
-            recon, _, _ = engine(video)                                    # the posterior mean
+            recon = engine(video)[0].float()                               # from the posterior mean
             scores.append((psnr(recon, video).item(), ssim(recon, video).item()))
             if preview is None:
                 preview = np.concatenate([to_uint8(video[0]), to_uint8(recon[0])], axis=2)   # (T, H, 2W, 3)
