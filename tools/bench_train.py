@@ -4,10 +4,11 @@
 
 One optimizer step = one micro-batch per rank through our sharded-layout engine (zero.Init, ZeRO-3, the
 run config's DeepSpeed config), on random 16-channel latents of (frames, side, side) with a 2x2 patch and 32
-text tokens. The first --warmup steps are not timed. FLOPs follow perf/mfu's convention (6 x parameters per
-token plus attention, vidiff.models.dit.training_flops_per_token); the peak is the GPU's data sheet figure, or
-on a CPU a matmul measured in the same run (so MFU is a ratio to a reference measured side by side). Defaults:
-XL in bf16 on a GPU, S in fp32 on a CPU. One JSON line.
+text tokens. The first --warmup steps are not timed. FLOPs follow perf/mfu's convention: the matmuls that run
+per token plus attention, per-sample work divided over the tokens (vidiff.models.dit.training_flops_per_token,
+within 2% of torch's FlopCounterMode); the peak is the GPU's data sheet figure, or on a CPU a matmul measured in
+the same run (so MFU is a ratio to a reference measured side by side). Defaults: XL in bf16 on a GPU, S in fp32
+on a CPU. One JSON line.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (TEXT_TOKENS, batch, build_engine, forward_backward, launch,  # noqa: E402
-                      parse_with_worker, run_config)
+from benchlib import (LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS, batch, build_engine,  # noqa: E402
+                      forward_backward, launch, parse_with_worker, run_config)
 
 from vidiff.models.dit import count_parameters, training_flops_per_token  # noqa: E402
 from vidiff.train.monitor import peak_tflops  # noqa: E402
@@ -35,11 +36,11 @@ def worker(args: argparse.Namespace) -> None:
     engine, rank, world = build_engine(cfg)
     latent = (args.frames, args.side, args.side)
     with torch.device("meta"):
-        parameters = count_parameters(build_denoiser(cfg, 16, 384))
+        parameters = count_parameters(build_denoiser(cfg, LATENT_CHANNELS, TEXT_DIM))
     pt, ph, pw = cfg.model.patch_size
     grid = (args.frames // pt, args.side // ph, args.side // pw)
     tokens_per_step = args.micro_batch * world * grid[0] * grid[1] * grid[2]
-    flops_per_step = tokens_per_step * training_flops_per_token(cfg.model, parameters, grid, TEXT_TOKENS)
+    flops_per_step = tokens_per_step * training_flops_per_token(cfg.model, grid, TEXT_TOKENS, LATENT_CHANNELS, TEXT_DIM)
     times = []
     for step in range(args.warmup + args.steps):
         d = batch(cfg, latent, engine.device, step)

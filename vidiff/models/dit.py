@@ -214,12 +214,31 @@ def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, in
     return counts
 
 
-def training_flops_per_token(cfg: DiTConfig, parameters: int, grid: tuple[int, int, int], text_tokens: int) -> float:
-    """Model FLOPs of one training step per latent token (the convention of perf/mfu, README "Throughput"):
-    6 x parameters (a multiply-add is 2 FLOPs; forward 2, backward 4 per parameter per token) plus attention:
-    per token and attention layer, QK^T and AV cost 4 x S x D forward and 12 x S x D with backward, S the
-    keys it attends to (spatial H'W' + temporal T' when factorized, T'H'W' twice when full, cross 1 + L
-    text tokens). Recomputation from activation checkpointing is not counted."""
+def training_flops_per_token(cfg: DiTConfig, grid: tuple[int, int, int], text_tokens: int, in_channels: int,
+                             text_dim: int) -> float:
+    """Model FLOPs of one training step (forward + backward) per latent token: the matmuls that run, counted as
+    torch's FlopCounterMode counts them (tests/test_dit.py checks this within 2%), for the convention of perf/mfu.
+
+    A multiply-add is 2 FLOPs. A linear layer costs 2 per weight forward and 2 backward for its weight gradient,
+    plus 2 for its input gradient when the input depends on trained weights (not for the patch, noise and text
+    embeddings, whose inputs are data). What runs per latent token: the patch embedding, in every block the
+    q/k/v/out projections of the two self-attentions, q/out of the cross attention and the MLP, and the final
+    projection; attention itself, per query and layer, 4 x S x D forward (QK^T and AV) and 8 x S x D backward
+    with S the keys it attends to (H'W' spatial and T' temporal when factorized, T'H'W' for both when full,
+    1 + text tokens across). What runs per sample, divided over its T'H'W' tokens: the adaLN modulations, the
+    noise and text embeddings and the cross attention's key/value projections of the text. Not counted: the
+    recomputation of activation checkpointing and of flash attention's backward (hardware, not model, FLOPs).
+    """
     T, H, W = grid
-    self_keys = 2 * T * H * W if cfg.attention == "full" else H * W + T
-    return 6.0 * parameters + 12.0 * cfg.hidden_size * cfg.depth * (self_keys + 1 + text_tokens)
+    tokens = T * H * W
+    D, depth, context = cfg.hidden_size, cfg.depth, 1 + text_tokens       # context: the null token + text
+    patch = in_channels * math.prod(cfg.patch_size)
+    mlp = int(D * cfg.mlp_ratio)
+    keys = 2 * tokens if cfg.attention == "full" else H * W + T
+    per_token = (4 * patch * D                                              # patch embedding (data input)
+                 + 6 * depth * (8 * D * D + 2 * D * D + 2 * D * mlp)        # self q/k/v/out x2, cross q/out, MLP
+                 + 6 * D * patch                                            # final projection
+                 + 12 * depth * D * (keys + context))                       # attention scores and values
+    per_sample = (4 * (256 * D + context * text_dim * D + text_dim * D)     # noise MLP in, text proj, text pool
+                  + 6 * (D * D + depth * (9 * D * D + 2 * context * D * D) + 2 * D * D))  # noise MLP out, adaLN,
+    return per_token + per_sample / tokens                                  # cross k/v, final adaLN

@@ -23,7 +23,7 @@ from vidiff.config import RunConfig
 from vidiff.data.pipeline import ShardLoader, to_model_input, to_uint8
 from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
-from vidiff.models.dit import DiT
+from vidiff.models.dit import DiT, training_flops_per_token
 from vidiff.models.text import TextEncoder
 from vidiff.models.vae import BlockPCA, VideoVAE, block_pca, kl_divergence, latent_shape
 from vidiff.train import checkpoint
@@ -137,6 +137,11 @@ class DiTObjective:
 
     def build_model(self) -> nn.Module:
         return build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
+
+    def flops_per_token(self, grid: tuple[int, int, int]) -> float:
+        """Training FLOPs per latent token of the DiT on a (T', H', W') token grid (perf/mfu)."""
+        return training_flops_per_token(self.cfg.model, grid, self.cfg.text.max_tokens, self.vae.cfg.latent_channels,
+                                        self.text.dim)
 
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings: cached in latent shards where present; a dropped (empty) caption has no valid

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from vidiff.config import RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
-from vidiff.models.dit import count_parameters, training_flops_per_token
+from vidiff.models.dit import count_parameters
 from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
@@ -243,7 +243,7 @@ def train(cfg: RunConfig) -> Path:
             for batch in micro_batches:
                 n, grid = _tokens(batch, cfg)
                 tokens += n
-                flops += n * training_flops_per_token(cfg.model, parameters, grid, cfg.text.max_tokens)
+                flops += n * objective.flops_per_token(grid)
         loss_sum, samples, tokens, flops = _sum_over_ranks([counts_once * v for v in (
             loss_sum, sum(len(b["key"]) for b in micro_batches), tokens, flops)], device)
         if layout.kind != "pipeline":
