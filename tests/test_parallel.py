@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, free_port, run_vidiff
 from vidiff.config import ConfigError, RunConfig, VAEConfig, load_config
 from vidiff.diffusion.edm import edm_loss
-from vidiff.models.dit import DiTBlock, rope_sequences
+from vidiff.models.dit import DiTBlock, count_parameters, rope_sequences
 from vidiff.models.vae import VideoVAE
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
@@ -93,6 +93,12 @@ def test_deepspeed_config_is_built_from_the_run_config():
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == hidden**2                # from the width
     assert deepspeed_config(_cfg(), make_layout(_cfg(), 1))["zero_optimization"]["reduce_bucket_size"] == 1 << 20
     assert zero["stage3_max_live_parameters"] == 1000 and ds["comms_logger"] == {"enabled": True}   # passthrough
+    # No rank holds the whole model: gathered weights are released within one block's parameters.
+    with torch.device("meta"):
+        block = count_parameters(DiTBlock(hidden, cfg.model.num_heads, cfg.model.mlp_ratio))
+        whole = count_parameters(build_denoiser(cfg, 16, 384))
+    assert zero["stage3_max_reuse_distance"] == block < whole / cfg.model.depth * 1.01
+    assert "memory_efficient_linear" not in zero           # DeepSpeed's default (on): no weight views saved
     assert ds["tensor_parallel"]["autotp_size"] == 2
     override = _cfg("deepspeed={zero_optimization: {reduce_bucket_size: 5}}")
     assert deepspeed_config(override, make_layout(override, 1))["zero_optimization"]["reduce_bucket_size"] == 5
