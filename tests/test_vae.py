@@ -17,7 +17,7 @@ from vae_variants import forward_without_cache, open_vae, tiled_without_blending
 from vidiff.config import load_config
 from vidiff.data.pipeline import ShardLoader, to_model_input
 from vidiff.models import vae as vae_module
-from vidiff.models.vae import CausalConv3d, VideoVAE, block_pca, chunk_bounds, to_blocks
+from vidiff.models.vae import CausalConv3d, VideoVAE, block_pca, chunk_bounds, pca_reconstruction, to_blocks
 from vidiff.train.objectives import VAEObjective
 
 
@@ -142,6 +142,7 @@ def test_a_pca_initialized_vae_starts_as_the_best_linear_code(tmp_path):
             blocks = to_blocks(video).movedim(1, -1)[:, 1:]                  # (B, T' - 1, h, w, 768)
             torch.testing.assert_close(to_blocks(recon).movedim(1, -1)[:, 1:], (blocks - mean) @ U @ U.T + mean,
                                        atol=1e-4, rtol=0)
+            torch.testing.assert_close(recon, pca_reconstruction(video, (mean, U)), atol=1e-4, rtol=0)   # all frames
             assert _psnr(recon, video) > _psnr(random_init(video)[0], video) + 3.0
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step00000010")

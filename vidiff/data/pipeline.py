@@ -16,9 +16,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -186,7 +188,8 @@ def image_micro_batches(fraction: float, accumulation: int, micro: int) -> int:
 class _RankBatches(IterableDataset):
     """This rank's batches from a fixed position on; in DataLoader workers, worker w takes every W-th."""
 
-    def __init__(self, loader: "ShardLoader"):
+    def __init__(self, loader: "ShardLoader", offset: int = 0):
+        self.offset = offset                        # local micro-steps to skip (taken by the loader's process)
         self.cfg, self.samples, self.planners = loader.cfg, loader.samples, loader.planners
         self.text_cached = loader.text_cached
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
@@ -197,7 +200,7 @@ class _RankBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        j = worker
+        j = self.offset + worker
         while True:
             yield self.batch_at(j)
             j += workers
@@ -310,6 +313,22 @@ class _RankBatches(IterableDataset):
         return np.ascontiguousarray(frames)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver: workers fork from a clean single-threaded server, never from a trainer full of threads (gloo,
+    OpenMP, FFmpeg), where a lock held by another thread at fork() time deadlocks the child. The server imports
+    this module once, so each worker starts in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _start_worker_server() -> None:
+    """Start the forkserver now, in the background: its imports (torch, PyAV) overlap whatever the trainer does
+    until the first batch, instead of delaying it by a few seconds."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
 class ShardLoader:
     """Iterator of micro-batches (batch_size clips in the first bucket) {"video": uint8 (B, T, H, W, 3), "caption",
     "key", "epoch", "stream", "bucket", "padding", "skipped"} for one data-parallel rank of `world_size`, with
@@ -340,10 +359,13 @@ class ShardLoader:
         self.cursors = {s: (0, 0) for s in STREAMS}    # (epoch, batch index) of the next batch of each stream
         self.skipped: Counter[str] = Counter()           # runtime skips on this rank
         self._batches: Iterator[dict] | None = None
+        if cfg.num_workers:
+            _start_worker_server()
 
-    def dataset(self) -> "_RankBatches":
-        """This rank's batches from the current position (also a reader of single samples)."""
-        return _RankBatches(self)
+    def dataset(self, offset: int = 0) -> "_RankBatches":
+        """This rank's batches from the current position, `offset` micro-steps on (also a reader of single
+        samples)."""
+        return _RankBatches(self, offset)
 
     def steps_per_epoch(self, stream: str = "video") -> int:
         """Steps that consume one epoch of a stream (the last may reach into the next epoch)."""
@@ -371,13 +393,12 @@ class ShardLoader:
         dataset = self.dataset()
         if self.cfg.num_workers == 0:
             return iter(dataset)
-        # forkserver: workers fork from a clean single-threaded server, never from a trainer full of threads
-        # (gloo, OpenMP, FFmpeg), where a lock held by another thread at fork() time deadlocks the child.
-        # The server imports this module once, so each worker starts in milliseconds.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=2,
-                               multiprocessing_context=context))
+        # The first batch is read here while the worker processes start (their server was started with the
+        # loader, see _start_worker_server); the workers continue from the second.
+        first = dataset.batch_at(0)
+        workers = DataLoader(self.dataset(offset=1), batch_size=None, num_workers=self.cfg.num_workers,
+                             prefetch_factor=2, multiprocessing_context=_worker_context())
+        return itertools.chain([first], workers)
 
     def __iter__(self) -> "ShardLoader":
         return self

@@ -180,6 +180,15 @@ def block_pca(videos: list[torch.Tensor], z: int) -> BlockPCA:
     return mean.float(), vectors[:, -z:].flip(1).float()                # (768,), (768, z)
 
 
+def pca_reconstruction(video: torch.Tensor, pca: BlockPCA) -> torch.Tensor:
+    """(B, 3, 1 + 4k, H, W) -> the same, each 4x8x8 block (frame 0: 8x8) replaced by its projection on the PCA's
+    directions: the best linear code of that many coefficients per block, with no learning beyond the PCA."""
+    mean, U = pca
+    blocks = to_blocks(video).movedim(1, -1)                                # (B, T', h, w, 768)
+    projected = (blocks - mean) @ U @ U.T + mean
+    return from_channels(unblock(projected.movedim(-1, 1)), temporal=False)
+
+
 class Encoder(nn.Module):
     """(B, 3, T, H, W) -> (B, 2z, T', H/8, W/8): a linear map of each 4x8x8 block (frame 0: an 8x8 block of the
     first frame alone) plus a causal convolutional residual, zero at initialization. The linear path is a PCA of
