@@ -383,7 +383,8 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     keys, _ = _epoch(loader, 2 * loader.steps_per_epoch())
     assert set(keys) == {s["__key__"] for s in good}
     resharded = write_shards(webdataset_samples(sorted(folder.glob("*.tar"))), tmp_path / "again")
-    members = {m for shard in json.loads(resharded.read_text())["shards"] for s in shard["samples"] for m in s["members"]}
+    shards = json.loads(resharded.read_text())["shards"]
+    members = {m for shard in shards for s in shard["samples"] for m in s["members"]}
     assert not members & set(PICKLE_EXTS)
     run = load_config(REPO / "configs/demo.yaml", [f"data.shards={folder}", "data.buckets=[[9,32,32]]",
                                                     "vae.checkpoint=unused"])

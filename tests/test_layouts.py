@@ -138,7 +138,8 @@ def test_layout_with_buckets_and_images_trains_like_a_single_process(single_proc
     root = single_process_buckets.parent
     _train(root, name, ranks, [f"data.shards={root / 'bucketed'}", *overrides])
     _assert_trains_like(root / name, single_process_buckets)
-    cursors = json.loads((root / name / f"checkpoints/step{STEPS:08d}/vidiff_state.json").read_text())["data"]["cursors"]
+    state = json.loads((root / name / f"checkpoints/step{STEPS:08d}/vidiff_state.json").read_text())
+    cursors = state["data"]["cursors"]
     assert cursors["image"] != [0, 0] and cursors["video"] != [0, 0]        # both streams were trained on
 
 

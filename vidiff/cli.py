@@ -21,17 +21,6 @@ def _prepare_environment() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def _device():
-    """cuda:LOCAL_RANK when there is a GPU (each launcher rank its own), else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def _load(args: argparse.Namespace) -> RunConfig:
     try:
         return load_config(args.config, args.overrides)
@@ -78,6 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from vidiff.data.pipeline import to_uint8
     from vidiff.data.video import contact_sheet, encode_mp4
+    from vidiff.device import rank_device
     from vidiff.diffusion.cascade import generate
     from vidiff.diffusion.edm import Precond
     from vidiff.models.dit import DiT
@@ -91,7 +81,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"vidiff: {run_dir} is a {run_cfg.task!r} run; sample needs a DiT run", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     torch.set_grad_enabled(False)
-    device = _device()
+    device = rank_device()
     vae = load_vae(run_cfg.vae.checkpoint).to(device)
     text = TextEncoder(run_cfg.text).to(device)
     model = Precond(DiT(run_cfg.model, vae.cfg.latent_channels, text.dim), run_cfg.edm.sigma_data)
@@ -124,12 +114,13 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from vidiff.data.latents import cache_latents
+    from vidiff.device import rank_device
     from vidiff.data.shards import write_index
     from vidiff.models.text import TextEncoder
     from vidiff.train.checkpoint import load_vae
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device()
+    device = rank_device()
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))

@@ -69,7 +69,8 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
         with wds.TarWriter(str(tmp)) as sink:
             for sample_id, bucket in sorted(by_shard[shard], key=lambda e: e[0]):
                 ref = loader.samples[sample_id]
-                spare = 0 if bucket.is_image else ref.meta["frames"] - frames_needed(bucket, sample_stride(data_cfg, ref.meta))
+                stride = sample_stride(data_cfg, ref.meta)
+                spare = 0 if bucket.is_image else ref.meta["frames"] - frames_needed(bucket, stride)
                 starts = window_starts(spare, windows, loader.seed, shard.name, ref.key)
                 try:
                     clips = [reader.load(ref, bucket, epoch=0, start=start) for start in starts]

@@ -393,8 +393,8 @@ class ShardLoader:
         dataset = self.dataset()
         if self.cfg.num_workers == 0:
             return iter(dataset)
-        # The first batch is read here while the worker processes start (their server was started with the
-        # loader, see _start_worker_server); the workers continue from the second.
+        # The first batch is read in this process, while the worker server started with the loader finishes its
+        # imports (_start_worker_server); the workers fork from it when the second batch is asked for.
         first = dataset.batch_at(0)
         workers = DataLoader(self.dataset(offset=1), batch_size=None, num_workers=self.cfg.num_workers,
                              prefetch_factor=2, multiprocessing_context=_worker_context())

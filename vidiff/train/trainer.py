@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from vidiff.config import RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
+from vidiff.device import rank_device
 from vidiff.models.dit import count_parameters
 from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
@@ -63,19 +64,6 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_SIZE", str(local_world))
         release_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
-
-
-def training_device(tf32: bool) -> torch.device:
-    """This rank's device, the one DeepSpeed's engine takes (cuda:LOCAL_RANK, or the CPU); on a GPU, fp32 matmuls
-    and convolutions run on TF32 tensor cores when parallel.tf32 is on (the MFU peak of fp32 runs assumes it)."""
-    from deepspeed.accelerator import get_accelerator
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    return torch.device(get_accelerator().device_name(local_rank))
 
 
 def release_shm_workspace() -> None:
@@ -174,7 +162,7 @@ def train(cfg: RunConfig) -> Path:
     micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples."""
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
     rank, world = init_distributed()
-    device = training_device(cfg.parallel.tf32)
+    device = rank_device(cfg.parallel.tf32)
     run_dir = Path(cfg.out_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +216,7 @@ def train(cfg: RunConfig) -> Path:
         scale = layout.accumulation * layout.data / usable if usable else 0.0
         weights = [sample_weights(b, scale, device) for b in micro_batches]
         extra: dict[str, float] = {}
-        loss_sum = 0.0                              # this rank's sum of usable per-sample losses
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # this rank's usable per-sample losses
         if layout.kind == "pipeline":
             loss_mean = float(pipeline_step(engine, objective, micro_batches, seeds, weights))
         else:
@@ -236,7 +224,7 @@ def train(cfg: RunConfig) -> Path:
                 per_sample, extra = objective.loss(engine, batch, batch_seeds)      # (B,)
                 engine.backward((per_sample * weight).sum())
                 engine.step()                      # DeepSpeed steps the optimizer after the last micro-batch
-                loss_sum += float((per_sample.detach() * (weight > 0)).sum())
+                loss_sum += (per_sample.detach() * (weight > 0)).sum()
         if ema is not None:
             ema.update()
         seconds = monitor.step_seconds()
@@ -246,18 +234,17 @@ def train(cfg: RunConfig) -> Path:
                 n, grid = _tokens(batch, cfg)
                 tokens += n
                 flops += n * objective.flops_per_token(grid)
-        loss_sum, samples, tokens, flops = _sum_over_ranks([counts_once * v for v in (
-            loss_sum, sum(len(b["key"]) for b in micro_batches), tokens, flops)], device)
+        loss_sum, tokens, flops = _sum_over_ranks([counts_once * v for v in (float(loss_sum), tokens, flops)], device)
         if layout.kind != "pipeline":
             loss_mean = loss_sum / usable if usable else float("nan")
-        samples_seen += int(samples)
+        samples_seen += int(usable)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             perf = {"perf/tokens_per_s": tokens / seconds,
                     "perf/mfu": flops / seconds / (peak * 1e12 * world)} if cfg.task == "dit" else {}
             monitor.log(step, {
                 "train/loss": loss_mean, "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "perf/samples_per_s": samples / seconds, "perf/step_seconds": seconds, **perf,
+                "perf/samples_per_s": usable / seconds, "perf/step_seconds": seconds, **perf,
                 **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before, device).items()}, **extra,
             })
         monitor.advance()
