@@ -11,6 +11,7 @@ from vidiff.config import PRESETS, ConfigError, DiTConfig, load_config
 from vidiff.diffusion.edm import Precond
 from vidiff.models.attention import apply_rope, rope_3d
 from vidiff.models.dit import DiT, describe_presets, training_flops_per_token
+from weights import randomize
 
 D, HEADS = 32, 4
 
@@ -148,15 +149,8 @@ def test_every_parameter_receives_a_gradient():
     assert not [n for n, p in net.named_parameters() if p.grad.abs().sum() == 0]
 
 
-def _trained(net: DiT) -> DiT:
-    with torch.no_grad():                                                # open every gate and branch
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
-
-
 def test_dropped_captions_use_the_null_embedding():
-    net = _trained(_dit())
+    net = randomize(_dit())
     x = torch.randn(2, 4, 3, 8, 8)
     text, mask = _text()
     dropped = torch.zeros_like(mask)
@@ -174,7 +168,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     x, text = torch.randn(2, 4, 3, 8, 8), _text()
     grads = []
     for checkpointing in (False, True):
-        net = _trained(_dit())
+        net = randomize(_dit())
         net.activation_checkpointing = checkpointing
         (net(x, torch.zeros(2), *text) - x).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))

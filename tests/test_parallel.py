@@ -24,6 +24,7 @@ from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.parallel.tensor import split_block, split_dim
 from vidiff.train.objectives import build_denoiser
 from vidiff.train.trainer import make_optimizer, release_shm_workspace, seed_everything
+from weights import randomize
 
 DEMO = REPO / "configs/demo.yaml"
 
@@ -113,10 +114,7 @@ def test_deepspeed_config_is_built_from_the_run_config():
 
 def _block_case():
     """A DiT block with every branch open (random weights instead of adaLN-Zero's closed start) and its inputs."""
-    torch.manual_seed(0)
-    block = DiTBlock(32, 4, 4.0)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    block = randomize(DiTBlock(32, 4, 4.0))
     B, T, D = 2, 3, 32
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, 4, D, generator=g, requires_grad=True)          # (B, T, N, D), a 2x2 token grid
