@@ -40,6 +40,25 @@ def shm_workspaces(port: int) -> set[str]:
     return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")}
 
 
+def launcher(config: str | Path, overrides: list[str], ranks: int = 2, script: str = "local.sh"
+             ) -> tuple[list[str], dict]:
+    """The command and environment of `launchers/<script> CONFIG OVERRIDES` on `ranks` ranks, with a master port
+    of its own."""
+    env = {**os.environ, "VIDIFF_PYTHON": sys.executable, "NPROC": str(ranks), "PYTHONPATH": str(REPO),
+           "MASTER_PORT": str(free_port())}
+    return [str(REPO / "launchers" / script), str(REPO / config), *overrides], env
+
+
+def launch(config: str | Path, overrides: list[str], ranks: int = 2, cwd: Path | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run `launchers/local.sh CONFIG OVERRIDES` on `ranks` ranks to the end; with check, it must succeed."""
+    command, env = launcher(config, overrides, ranks)
+    result = subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
 def kill_after_checkpoint(command: list[str], env: dict, cwd: Path, run: Path, tag: str) -> None:
     """Start a run and SIGKILL every process of it as soon as `checkpoints/latest` names `tag` (a crash right
     after a checkpoint; the run's next checkpoint must be steps away)."""

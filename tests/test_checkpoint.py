@@ -14,7 +14,8 @@ from vidiff.config import load_config
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
 from vidiff.parallel.sharded import build_sharded_engine
-from vidiff.train import checkpoint
+from vidiff.train import checkpoint, resume
+from vidiff.train.resume import restore_engine
 from vidiff.train.objectives import build_denoiser
 from vidiff.train.trainer import make_optimizer, release_shm_workspace, seed_everything
 
@@ -43,14 +44,17 @@ def _resume_worker(rank: int, port: int, run: str, weights_only: bool) -> None:
     engine, _ = build_sharded_engine(cfg, layout, lambda: build_denoiser(cfg, 4, 384), deepspeed_config(cfg, layout),
                                      make_optimizer)
     tag = checkpoint.save(engine, Path(run), 1, {"samples_seen": 0}, layout)
+    if weights_only:
+        for _ in range(2):                # a run may restore twice (a reload after non-finite steps)
+            restore_engine(engine, tag)
     states = next(tag.glob("*model_states.pt"))
     state = torch.load(states, weights_only=False)
     state["payload"] = _WritesFile(f"{run}/canary.txt")
     torch.save(state, states)
     if not weights_only:                  # the negative control: DeepSpeed's own engine (weights_only=False)
-        checkpoint.use_weights_only_loading = lambda engine: None
+        resume.use_weights_only_loading = lambda engine: None
     try:
-        checkpoint.resume(engine, Path(run))
+        restore_engine(engine, tag)
     except checkpoint.CheckpointError as error:
         Path(f"{run}/refused.txt").write_text(str(error))
     release_shm_workspace()

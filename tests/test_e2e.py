@@ -4,16 +4,13 @@ and, separately, killed after their middle checkpoint and restarted with the sam
 steps (loss, learning rate, gradient norm) and its final weights and EMA equal the straight run's."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, kill_after_checkpoint, run_vidiff
+from conftest import REPO, kill_after_checkpoint, launch, launcher, run_vidiff
 from datasets import write_tar
 from vidiff.data.shards import write_index
 from vidiff.data.synthetic import make_clips
@@ -27,21 +24,8 @@ pytestmark = pytest.mark.slow
 RESUME_RTOL = 1e-5
 
 
-def _command(config: str, overrides: tuple[str, ...]) -> tuple[list[str], dict]:
-    env = {**os.environ, "VIDIFF_PYTHON": sys.executable, "NPROC": "2", "PYTHONPATH": str(REPO),
-           "MASTER_PORT": str(free_port())}
-    return [str(REPO / "launchers/local.sh"), str(REPO / config), *overrides], env
-
-
-def launch(config: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    command, env = _command(config, overrides)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 def launch_and_kill(config: str, *overrides: str, cwd: Path, run: Path, tag: str) -> None:
-    kill_after_checkpoint(*_command(config, overrides), cwd, run, tag)
+    kill_after_checkpoint(*launcher(config, list(overrides)), cwd, run, tag)
 
 
 def assert_resume_is_exact(straight: Path, resumed: Path, steps: range, tag: str) -> None:
@@ -76,13 +60,13 @@ def test_demo_pipeline_trains_resumes_exactly_and_samples(tmp_path):
            "train.log_every=1", "train.ema_decay=0.9", "train.warmup_steps=2", "train.lr_decay=cosine",
            "train.eval_every=3", f"data.eval_shards={tmp_path / 'shards'}", "train.eval_batches=1"]
     vae_dir, vae_resumed = tmp_path / "vae", tmp_path / "vae-resumed"
-    launch("configs/vae/demo.yaml", *vae, f"out_dir={vae_dir}", cwd=tmp_path)
+    launch("configs/vae/demo.yaml", [*vae, f"out_dir={vae_dir}"], cwd=tmp_path)
     assert sorted(read_scalars(vae_dir, "eval/psnr")) == [3, 6] and read_scalars(vae_dir, "eval/ssim")[6] <= 1
     assert read_images(vae_dir, "eval/reconstruction")[6][:4] == b"GIF8"        # input | reconstruction
     assert (vae_dir / "checkpoints/latest").read_text() == "step00000006" and (vae_dir / "config.yaml").is_file()
     launch_and_kill("configs/vae/demo.yaml", *vae, f"out_dir={vae_resumed}", cwd=tmp_path, run=vae_resumed,
                     tag="step00000003")
-    resumed = launch("configs/vae/demo.yaml", *vae, f"out_dir={vae_resumed}", cwd=tmp_path)
+    resumed = launch("configs/vae/demo.yaml", [*vae, f"out_dir={vae_resumed}"], cwd=tmp_path)
     assert "resumed from step 3" in resumed.stdout + resumed.stderr
     assert_resume_is_exact(vae_dir, vae_resumed, range(4, 7), "step00000006")
     statistics = load_file(str(vae_resumed / "checkpoints/step00000006/model.safetensors"))["latent_scale"]
@@ -93,13 +77,13 @@ def test_demo_pipeline_trains_resumes_exactly_and_samples(tmp_path):
     dit = [*small, "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.checkpoint_every=3",
            "train.log_every=1", "train.ema_decay=0.9", "train.steps=6", f"vae.checkpoint={vae_dir}",
            "sample.steps=4", "sample.prompts=[a red square moving up]"]
-    launch("configs/demo.yaml", *dit, f"out_dir={dit_dir}", cwd=tmp_path)
+    launch("configs/demo.yaml", [*dit, f"out_dir={dit_dir}"], cwd=tmp_path)
     assert (dit_dir / "checkpoints/latest").read_text() == "step00000006"
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s"):
         assert sorted(read_scalars(dit_dir, tag)) == [1, 2, 3, 4, 5, 6], tag
     launch_and_kill("configs/demo.yaml", *dit, f"out_dir={dit_resumed}", cwd=tmp_path, run=dit_resumed,
                     tag="step00000003")
-    resumed = launch("configs/demo.yaml", *dit, f"out_dir={dit_resumed}", cwd=tmp_path)
+    resumed = launch("configs/demo.yaml", [*dit, f"out_dir={dit_resumed}"], cwd=tmp_path)
     assert "resumed from step 3" in resumed.stdout + resumed.stderr
     assert_resume_is_exact(dit_dir, dit_resumed, range(4, 7), "step00000006")
     state = json.loads((dit_resumed / "checkpoints/step00000006/vidiff_state.json").read_text())
@@ -114,7 +98,7 @@ def test_demo_pipeline_trains_resumes_exactly_and_samples(tmp_path):
     assert cached.returncode == 0, cached.stderr[-3000:]
     assert len(list(latents.glob("latents-*.tar"))) == 5 and (latents / "index.json").is_file()
     latent_dir = tmp_path / "dit-latents"
-    launch("configs/demo.yaml", *dit, f"data.shards={latents}", f"out_dir={latent_dir}", "train.steps=2",
+    launch("configs/demo.yaml", [*dit, f"data.shards={latents}", f"out_dir={latent_dir}", "train.steps=2"],
            cwd=tmp_path)
     assert sorted(read_scalars(latent_dir, "train/loss")) == [1, 2]
 

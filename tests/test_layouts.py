@@ -2,15 +2,13 @@
 step by step (loss, gradient norm) and tensor by tensor (weights, EMA); bf16 against fp32."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, kill_after_checkpoint, shm_workspaces
+from conftest import REPO, kill_after_checkpoint, launcher, shm_workspaces
 from datasets import latent_samples, vae_run_folder
 from vidiff.config import load_config
 from vidiff.data.shards import write_shards
@@ -47,27 +45,23 @@ WEIGHT_RTOL = 2e-5
 BF16_UPDATE_RTOL, BF16_UPDATE_SIZE_RTOL = 0.15, 0.05
 
 
-def _command(tmp_path, name: str, ranks: int, overrides: list[str]) -> tuple[list[str], dict, int]:
+def _command(tmp_path, name: str, ranks: int, overrides: list[str]) -> tuple[list[str], dict]:
     """The launcher command of a run from open gates (model.zero_init=false: every parameter has a gradient
-    from step 1), checkpointing at steps 10 and 20; its environment and master port."""
-    port = free_port()
-    env = {**os.environ, "VIDIFF_PYTHON": sys.executable, "NPROC": str(ranks), "PYTHONPATH": str(REPO),
-           "MASTER_PORT": str(port)}
-    command = [str(REPO / "launchers/local.sh"), str(REPO / "configs/demo.yaml"), f"out_dir={tmp_path / name}",
-               f"data.shards={tmp_path / 'latents'}", "data.buckets=[[9,32,32]]", "data.caption_dropout=0.0",
-               f"vae.checkpoint={tmp_path / 'vae'}", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-               "model.zero_init=false", "text.max_tokens=8", f"train.steps={STEPS}", "train.warmup_steps=0",
-               "train.log_every=1", f"train.checkpoint_every={STEPS // 2}", "train.ema_decay=0.9",
-               "parallel.micro_batch=2", "parallel.global_batch=8", *overrides]
-    return command, env, port
+    from step 1), checkpointing at steps 10 and 20, and its environment."""
+    return launcher(REPO / "configs/demo.yaml", [
+        f"out_dir={tmp_path / name}", f"data.shards={tmp_path / 'latents'}", "data.buckets=[[9,32,32]]",
+        "data.caption_dropout=0.0", f"vae.checkpoint={tmp_path / 'vae'}", "model.hidden_size=32", "model.depth=2",
+        "model.num_heads=2", "model.zero_init=false", "text.max_tokens=8", f"train.steps={STEPS}",
+        "train.warmup_steps=0", "train.log_every=1", f"train.checkpoint_every={STEPS // 2}", "train.ema_decay=0.9",
+        "parallel.micro_batch=2", "parallel.global_batch=8", *overrides], ranks)
 
 
 def _train(tmp_path, name: str, ranks: int, overrides: list[str]) -> None:
     """Train through the launcher; the run leaves no DeepSpeed shared-memory workspace behind (69 MB each)."""
-    command, env, port = _command(tmp_path, name, ranks, overrides)
+    command, env = _command(tmp_path, name, ranks, overrides)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert not shm_workspaces(port)
+    assert not shm_workspaces(int(env["MASTER_PORT"]))
 
 
 def _weights(run, name: str) -> dict[str, torch.Tensor]:
@@ -148,7 +142,7 @@ def test_pipeline_layout_resumes_exactly(single_process):
     trains steps 11-20 like one process (and so like its own uninterrupted run); the sharded layout's resume is
     tests/test_e2e.py's."""
     root = single_process.parent
-    command, env, _ = _command(root, "pipeline-resumed", 2, ["parallel.pipeline=2"])
+    command, env = _command(root, "pipeline-resumed", 2, ["parallel.pipeline=2"])
     kill_after_checkpoint(command, env, root, root / "pipeline-resumed", f"step{STEPS // 2:08d}")
     _train(root, "pipeline-resumed", 2, ["parallel.pipeline=2"])
     diff = _relative_differences(root / "pipeline-resumed", single_process, range(STEPS // 2 + 1, STEPS + 1))

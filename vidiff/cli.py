@@ -29,34 +29,60 @@ def _load(args: argparse.Namespace) -> RunConfig:
         sys.exit(EXIT_BAD_CONFIG)
 
 
-def _layout(cfg: RunConfig, world: int, config: str):
+def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
     """The run's parallel layout on `world` ranks, its DeepSpeed config built once to check the `deepspeed:`
-    passthrough; a layout or passthrough that cannot run exits 2 with the reason."""
+    passthrough, and the checkpoint it would resume from, checked against that layout (a topology change vidiff
+    cannot convert); what cannot run exits 2 with the reason."""
     from vidiff.parallel.deepspeed import deepspeed_config
     from vidiff.parallel.layout import make_layout
 
     try:
         layout = make_layout(cfg, world)
         deepspeed_config(cfg, layout)
+        _check_resume(cfg, layout, resume)
         return layout
     except ConfigError as exc:
         print(f"vidiff: bad parallel layout in {config}\n{exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
 
 
+def _check_resume(cfg: RunConfig, layout, resume: str | None) -> None:
+    """The checkpoint a start would load exists and fits this layout (CheckpointError or LayoutError otherwise)."""
+    from vidiff.train.resume import check_topology_change, read_state, resume_target, saved_topology, topology
+
+    tag = resume_target(Path(cfg.out_dir), resume)
+    if tag is not None:
+        check_topology_change(saved_topology(read_state(tag)), topology(layout, cfg.parallel.zero))
+
+
+def _resume(args: argparse.Namespace) -> str | None:
+    from vidiff.train.resume import RESUME_NONE
+
+    return RESUME_NONE if args.no_resume else args.resume
+
+
+def _load_resumable(args: argparse.Namespace, world: int) -> tuple[RunConfig, str | None]:
+    """The run config, with the resumed checkpoint's global batch kept (train/resume.keep_global_batch)."""
+    from vidiff.train.resume import keep_global_batch
+
+    cfg, resume = _load(args), _resume(args)
+    return keep_global_batch(cfg, resume, world), resume
+
+
 def cmd_check(args: argparse.Namespace) -> None:
-    cfg = _load(args)
-    layout = _layout(cfg, args.world_size, args.config)
+    cfg, resume = _load_resumable(args, args.world_size)
+    layout = _layout(cfg, args.world_size, args.config, resume)
     print(f"{args.config}: ok ({cfg.task} run, out_dir {cfg.out_dir}; {layout.describe()})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = _load(args)
-    _layout(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.config)     # before any process group
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, resume = _load_resumable(args, world)
+    _layout(cfg, world, args.config, resume)                  # before any process group
     _prepare_environment()
     from vidiff.train.trainer import train
 
-    run_dir = train(cfg)
+    run_dir = train(cfg, resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
 
@@ -185,10 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4 train.steps=50")
         return p
 
-    p = with_config(sub.add_parser("train", help="train the run's network (under the deepspeed launcher)"))
+    def with_resume(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--resume", metavar="latest|PATH",
+                           help="resume from the latest checkpoint (an error if there is none) or from a checkpoint's "
+                                "tag folder (default: the latest if there is one, else start fresh)")
+        group.add_argument("--no-resume", action="store_true",
+                           help="start fresh; the run's existing checkpoints are moved to checkpoints.set-aside-<time>")
+        return p
+
+    p = with_resume(with_config(sub.add_parser("train", help="train the run's network (under a launcher)")))
     p.set_defaults(func=cmd_train)
 
-    p = with_config(sub.add_parser("check", help="validate a run config (and its layout on --world-size ranks)"))
+    p = with_resume(with_config(sub.add_parser(
+        "check", help="validate a run config, its layout on --world-size ranks and the checkpoint it would resume")))
     p.add_argument("--world-size", type=positive_int, default=1, help="ranks the run will start (default 1)")
     p.set_defaults(func=cmd_check)
 

@@ -182,8 +182,16 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # EMA of the weights (exported as ema.safetensors); 0: none
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    checkpoint_minutes: float = Field(0.0, ge=0.0)   # also checkpoint once this long since the last (0: steps only)
+    keep_last: int = Field(3, ge=1)           # complete checkpoints kept: the last keep_last ...
+    keep_every: int = Field(0, ge=0)          # ... plus every step that is a multiple of keep_every (0: none)
     eval_every: int = Field(0, ge=0)          # held-out metrics and previews every n steps (0: never)
     eval_batches: int = Field(2, ge=1)
+    # runs/<name>/ledger/rank<r>.jsonl: the sample keys each rank consumed at each step (tools/ledger_check.py)
+    ledger: bool = False
+    # A step whose loss or gradient norm is not finite is skipped (no optimizer step) and counted; after this
+    # many in a row the run reloads its last checkpoint, and stops if they come again.
+    nonfinite_patience: int = Field(3, ge=1)
 
 
 class ParallelConfig(_Section):

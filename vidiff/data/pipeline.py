@@ -76,6 +76,11 @@ def load_npy(data: bytes, reason: str = "undecodable_latent") -> np.ndarray:
         raise ClipError(reason, str(exc)) from None
 
 
+def sample_name(ref: SampleRef) -> str:
+    """A sample's name in its data set: "<shard file>/<key>" (keys alone may repeat across shards)."""
+    return f"{ref.shard.name}/{ref.key}"
+
+
 def unit_hash(*parts: object) -> float:
     """A number in [0, 1) fixed by its inputs: the same on every rank, worker and restart."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -220,7 +225,7 @@ class _RankBatches(IterableDataset):
     def batch_at(self, j: int) -> dict:
         stream, epoch, index = self.position(j)
         bucket, sample_ids = self.planners[stream].plan(epoch)[index]
-        clips, captions, keys, texts, skipped = [], [], [], [], Counter()
+        clips, captions, keys, texts, used, skipped, skipped_ids = [], [], [], [], [], Counter(), []
         for sample_id in sample_ids:
             ref = self.samples[sample_id]
             try:                                    # everything of a sample is read before any of it is kept
@@ -228,6 +233,7 @@ class _RankBatches(IterableDataset):
                 text = self.text(ref, texts[0][0].shape if texts else None) if self.text_cached else None
             except ClipError as exc:
                 skipped[exc.reason] += 1
+                skipped_ids.append(sample_name(ref))
                 continue
             clips.append(clip)
             if text is not None:
@@ -236,12 +242,14 @@ class _RankBatches(IterableDataset):
             drop = unit_hash(self.seed, epoch, ref.shard.name, ref.key, "caption") < self.cfg.caption_dropout
             captions.append("" if drop else caption)
             keys.append(ref.key)
+            used.append(sample_id)
         padding = not clips                 # every sample failed: a zero-weight batch keeps ranks in step
         if padding:
             clips = [np.zeros((bucket.frames, bucket.height, bucket.width, 3), np.uint8)]
             captions = [""]
         batch = {"caption": captions, "key": keys, "epoch": epoch, "stream": stream, "bucket": bucket.name,
-                 "padding": padding, "skipped": dict(skipped)}
+                 "padding": padding, "skipped": dict(skipped), "ids": [sample_name(self.samples[i]) for i in used],
+                 "skipped_ids": skipped_ids}
         stacked = torch.from_numpy(np.stack(clips))
         if stacked.dtype == torch.uint8:
             batch["video"] = stacked                                        # (B, T, H, W, 3)

@@ -133,7 +133,7 @@ def pipeline_step(engine, objective, micro_batches: list[dict], seeds: list[list
 
 # ---- export: stage layers and tensor-parallel slices -> one state dict with the DiT's names ----
 
-def _dit_name(name: str, depth: int) -> str:
+def dit_name(name: str, depth: int) -> str:
     """'3.block.attn_s.q.weight' (PipelineModule layer 3) -> 'net.blocks.2.attn_s.q.weight' (Precond(DiT))."""
     index, inner = name.split(".", 1)
     index = int(index)
@@ -156,7 +156,7 @@ def export_pipeline(engine, path: Path, layout: Layout) -> None:
             parts = [torch.empty_like(tensor) for _ in range(layout.tensor)]
             dist.all_gather(parts, tensor.contiguous(), group=engine.module.tp_group)
             tensor = torch.cat(parts, dim=dim)
-        state[_dit_name(name, depth)] = tensor.cpu().contiguous()
+        state[dit_name(name, depth)] = tensor.cpu().contiguous()
     part = path.with_name(f".{path.stem}.stage{stage}.safetensors")
     if dp == 0 and tp == 0:
         save_file(state, str(part))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import deepspeed
@@ -46,17 +48,23 @@ def _deepspeed_globals() -> list[type]:
 
 def use_weights_only_loading(engine) -> None:
     """Make the engine read its checkpoint files with torch.load(weights_only=True): DeepSpeed's own torch engine
-    passes weights_only=False, which would run any code pickled into a checkpoint. Saving is unchanged."""
+    passes weights_only=False, which would run any code pickled into a checkpoint. Saving is unchanged. Calling it
+    again (a second restore in one run) changes nothing."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        weights_only = True
+
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(_deepspeed_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise CheckpointError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}: vidiff loads "
-                              "checkpoints through DeepSpeed's torch engine only (see parallel/deepspeed.py)")
+    current = engine.checkpoint_engine
+    if getattr(current, "weights_only", False):
+        return
+    if type(current) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed checkpoint engine {type(current).__name__}: vidiff loads checkpoints "
+                              "through DeepSpeed's torch engine only (see parallel/deepspeed.py)")
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
@@ -129,27 +137,106 @@ def ema_path(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"ema_rank{rank:05d}.safetensors"
 
 
-def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None) -> Path:
-    """Write checkpoint `step{step}` on every rank, then move `latest` to it. Returns the tag folder."""
+def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None, keep_last: int = 1 << 30,
+         keep_every: int = 0) -> Path:
+    """Write checkpoint `step{step}` on every rank, then move `latest` to it and drop the checkpoints retention
+    no longer keeps (`prune`). Returns the tag folder.
+
+    Order: DeepSpeed's files, the gathered exports and each rank's EMA, then (every rank done) each node flushes
+    the folder to disk, then rank 0 writes vidiff_state.json, the mark of a complete checkpoint, and moves
+    `latest`. A save killed at any point leaves a tag without vidiff_state.json: never loaded, removed at the
+    next start (`remove_incomplete`)."""
     ckpt_dir = run_dir / "checkpoints"
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    client_state = {}
+    if engine.zero_optimization_stage() in (1, 2):   # how ds_to_universal merges ZeRO-1/2 state (ZeRO-3: not needed)
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+        from vidiff.parallel.universal import universal_info
+        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_info()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
     _export(engine, ckpt_dir / tag / WEIGHTS_NAME, layout)
     if ema is not None:
         ema.save(ema_path(ckpt_dir / tag, _rank()))
         with ema.swapped():
             _export(engine, ckpt_dir / tag / EMA_NAME, layout)
-    if _rank() == 0:
-        _write_atomic(ckpt_dir / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=1))
     _barrier()                              # every rank's files are written ...
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        _flush_folder(ckpt_dir / tag)       # ... and on disk, node by node, before `latest` moves
+        _flush_folder(ckpt_dir / tag)       # ... and on disk, node by node, before the tag is marked complete
     _barrier()
     if _rank() == 0:
+        _write_atomic(ckpt_dir / tag / STATE_NAME, json.dumps({"step": step, **state}, indent=1))
         _fsync(ckpt_dir)
         _write_atomic(ckpt_dir / "latest", tag)
+        prune(run_dir, keep_last, keep_every)
     _barrier()
     return ckpt_dir / tag
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """A checkpoint whose every file was written and flushed (save() writes vidiff_state.json last)."""
+    return (Path(tag_dir) / STATE_NAME).is_file()
+
+
+def tags(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (complete or not), oldest step first."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted((d for d in folder.glob("step*") if d.is_dir()), key=lambda d: d.name) if folder.is_dir() else []
+
+
+def prune(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the last keep_last, except every keep_every-th step's and the one
+    `latest` names; returns those deleted (rank 0 only)."""
+    complete = [d for d in tags(run_dir) if is_complete(d)]
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    protected = {latest.read_text().strip()} if latest.is_file() else set()
+    doomed = [d for d in complete[:-keep_last] if d.name not in protected
+              and not (keep_every and int(d.name.removeprefix("step")) % keep_every == 0)]
+    for d in doomed:
+        shutil.rmtree(d)
+    return doomed
+
+
+def remove_incomplete(run_dir: Path) -> list[Path]:
+    """Delete checkpoint folders a killed save left half-written (no vidiff_state.json); rank 0, at start, before
+    any rank saves. Returns those deleted."""
+    doomed = [d for d in tags(run_dir) if not is_complete(d)]
+    for d in doomed:
+        shutil.rmtree(d)
+    return doomed
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move the run's checkpoints to checkpoints.set-aside-<time> (a start with --no-resume: nothing is lost, and
+    retention and `latest` see only the new run's); returns the new folder (rank 0)."""
+    folder = Path(run_dir) / "checkpoints"
+    aside = folder.with_name(f"checkpoints.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(aside)
+    return aside
+
+
+def check_writable(run_dir: Path) -> None:
+    """Every rank writes, flushes and deletes a probe file in the checkpoint folder; if any rank cannot, every
+    rank raises CheckpointError naming the ranks, hosts and errors (every rank must call; before any step)."""
+    folder = Path(run_dir) / "checkpoints"
+    probe = folder / f".write-probe-{socket.gethostname()}-{_rank()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        problem = None
+    except OSError as error:
+        problem = f"rank {_rank()} on {socket.gethostname()}: {error}"
+    problems = [problem]
+    if dist.is_initialized():
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"cannot write checkpoints to {folder}: {'; '.join(problems)}. Give every rank write "
+                              "access to it, or set out_dir to a folder they can write")
 
 
 def latest_tag(run_dir: Path) -> Path | None:
@@ -160,25 +247,6 @@ def latest_tag(run_dir: Path) -> Path | None:
     if dist.is_initialized():
         dist.broadcast_object_list(tag, src=0)
     return None if tag[0] is None else latest.parent / tag[0]
-
-
-def resume(engine, run_dir: Path) -> tuple[Path, dict] | None:
-    """Load the latest checkpoint into the engine (weights, optimizer, schedule); returns its folder and its
-    vidiff state, or None on a fresh run."""
-    tag_dir = latest_tag(run_dir)
-    if tag_dir is None:
-        return None
-    use_weights_only_loading(engine)
-    try:
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except pickle.UnpicklingError as error:
-        unsupported = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
-        raise CheckpointError(f"checkpoint {tag_dir} holds pickled objects that are not weights ({unsupported}); "
-                              "vidiff loads checkpoints with torch.load(weights_only=True) and will not run them. "
-                              "Resume from another tag by pointing checkpoints/latest at it") from None
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    return tag_dir, json.loads((tag_dir / STATE_NAME).read_text())
 
 
 def load_export(run_dir: str | Path, prefer_ema: bool = False) -> tuple[RunConfig, dict[str, torch.Tensor]]:

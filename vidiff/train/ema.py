@@ -51,6 +51,12 @@ class EMA:
                 for p, backup in zip(self.params, saved):
                     _local(p).copy_(backup)
 
+    @torch.no_grad()
+    def set_local(self, parts: list[torch.Tensor]) -> None:
+        """Set this rank's part of the average (resume on another layout: train/resume.ema_from_export)."""
+        for average, part in zip(self.shadow, parts):
+            average.copy_(part)
+
     def save(self, path: Path) -> None:
         """This rank's part of the average (a checkpoint holds one file per rank)."""
         save_file({str(i): t.contiguous() for i, t in enumerate(self.shadow)}, str(path))

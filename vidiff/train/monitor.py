@@ -99,6 +99,12 @@ class Monitor:
         if self.active:
             self.bar.update(1)
 
+    def start_at(self, step: int) -> None:
+        """The progress bar continues from `step` (a resumed or reloaded run)."""
+        if self.active:
+            self.bar.n = step
+            self.bar.refresh()
+
     def message(self, text: str) -> None:
         if self.active:
             tqdm.write(text)

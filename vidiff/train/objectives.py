@@ -11,7 +11,6 @@ on the CPU and moved to the batch's device, so a seed gives the same draw on any
 from __future__ import annotations
 
 from itertools import islice
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -46,21 +45,23 @@ def per_sample_noise(seeds: list[int], shape: tuple[int, ...], device: torch.dev
 class VAEObjective:
     """L1 + MSE reconstruction plus a small KL term; tracks latent statistics for the exported scale."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", ema_decay: float = 0.99):
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", fresh: bool = True,
+                 ema_decay: float = 0.99):
+        """fresh: the run starts from scratch (a resumed one loads its weights, PCA path included)."""
         self.cfg, self.device = cfg, torch.device(device)
         self.ema_decay = ema_decay
         self.latent_moments: torch.Tensor | None = None     # (2, z): EMA of per-channel E[mu], E[mu^2]
-        self.pca = self._initial_pca()     # read here, before the trainer builds the model (under zero.Init)
+        # Read here, before the trainer builds the model (under zero.Init).
+        self.pca = self._initial_pca() if fresh else None
 
     def build_model(self) -> nn.Module:
         return VideoVAE(self.cfg.vae, self.pca)
 
     def _initial_pca(self) -> BlockPCA | None:
-        """The PCA of the first vae.pca_init_batches training micro-batches, on a fresh run only (a resumed run
-        loads its weights). Every rank reads the same batches from its own loader, so all compute the same
-        PCA, and the training loader's position is untouched."""
+        """The PCA of the first vae.pca_init_batches training micro-batches. Every rank reads the same batches from
+        its own loader, so all compute the same PCA, and the training loader's position is untouched."""
         batches = self.cfg.vae.pca_init_batches
-        if not batches or checkpoint.latest_tag(Path(self.cfg.out_dir)) is not None:
+        if not batches:
             return None
         data = self.cfg.data.model_copy(update={"num_workers": 0})
         loader = ShardLoader(data, 0, 1, self.cfg.seed, batch_size=self.cfg.parallel.micro_batch)
@@ -181,5 +182,6 @@ class DiTObjective:
         pass
 
 
-def build_objective(cfg: RunConfig, device: torch.device | str = "cpu") -> Objective:
-    return VAEObjective(cfg, device) if cfg.task == "vae" else DiTObjective(cfg, device)
+def build_objective(cfg: RunConfig, device: torch.device | str = "cpu", fresh: bool = True) -> Objective:
+    """fresh: the run starts from scratch rather than from a checkpoint."""
+    return VAEObjective(cfg, device, fresh) if cfg.task == "vae" else DiTObjective(cfg, device)

@@ -1,4 +1,5 @@
-"""The step loop: forward, backward, step, log, checkpoint cadence; resumes from the latest checkpoint."""
+"""The step loop: forward, backward, step, log, checkpoint cadence; resumes from a checkpoint (the latest by
+default), on the same topology or another one (train/resume.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import math
 import os
 import random
+import time
 import warnings
 from collections import Counter
 from functools import partial
@@ -16,20 +18,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vidiff.config import RunConfig, TrainConfig, save_config
+from vidiff.config import InputError, RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
 from vidiff.device import rank_device
 from vidiff.models.dit import count_parameters
 from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
-from vidiff.parallel.pipeline import build_pipeline_engine, pipeline_step
+from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, pipeline_step
 from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.train import checkpoint
 from vidiff.train.checkpoint import CONFIG_NAME
 from vidiff.train.ema import EMA
+from vidiff.train.ledger import Ledger
 from vidiff.train.monitor import Monitor, peak_tflops
 from vidiff.train.objectives import build_objective
+from vidiff.train.resume import (RESUME_NONE, check_topology_change, ema_from_export, read_state, restore_engine,
+                                 resume_target, saved_topology, topology)
 
 
 # torch deprecates the collectives DeepSpeed calls; the warning says nothing a user can act on.
@@ -153,22 +158,38 @@ def _tokens(batch: dict, cfg: RunConfig) -> tuple[int, tuple[int, int, int]]:
     return len(batch["key"]) * math.prod(grid), grid
 
 
-def train(cfg: RunConfig) -> Path:
-    """Train cfg.task for cfg.train.steps steps; returns the run folder.
+class NonFiniteError(InputError):
+    """Training keeps producing non-finite losses or gradients, after reloading the last checkpoint too (most often
+    bad data or a learning rate too high: the message says what to try)."""
+
+
+def train(cfg: RunConfig, resume: str | None = None) -> Path:
+    """Train cfg.task for cfg.train.steps steps; returns the run folder. resume: None (the latest checkpoint if
+    there is one), "latest" (it must exist), "none" (start fresh; earlier checkpoints are set aside), or a
+    checkpoint's tag folder (train/resume.resume_target).
 
     The loss of a step is the mean of the per-sample losses over the usable samples of the global batch (what
     train/loss logs): each micro-batch's backward gets the sum of its per-sample losses times accumulation x
     data / usable, because DeepSpeed divides by the accumulation and averages over data-parallel ranks. A
-    micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples."""
+    micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples. A step
+    whose gradient norm is not finite is not applied (DeepSpeed's overflow path: no update, no LR step) and is
+    counted; train.nonfinite_patience of them in a row reload the last checkpoint, and again stop the run."""
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
     rank, world = init_distributed()
     device = rank_device(cfg.parallel.tf32)
     run_dir = Path(cfg.out_dir)
+    checkpoint.check_writable(run_dir)               # every rank, before anything is built
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_NAME)
+        for doomed in checkpoint.remove_incomplete(run_dir):
+            print(f"note: removed {doomed}, a checkpoint whose save did not finish")
+        if resume == RESUME_NONE and checkpoint.tags(run_dir):
+            aside = checkpoint.set_aside(run_dir)
+            print(f"note: --no-resume: the run's earlier checkpoints were moved to {aside}")
+    dist.barrier()
+    tag_dir = resume_target(run_dir, resume)
 
-    objective = build_objective(cfg, device)
+    objective = build_objective(cfg, device, fresh=tag_dir is None)
     seed_everything(cfg.seed)                       # identical initial weights on every rank
     ds_config = deepspeed_config(cfg, layout)
     if layout.kind == "pipeline":
@@ -187,29 +208,22 @@ def train(cfg: RunConfig) -> Path:
     counts_once = 1.0 if stage == 0 and tp_rank == 0 else 0.0
     loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch,
                          accumulation=layout.accumulation)
-    start_step, samples_seen = 0, 0
-    skipped_before: Counter[str] = Counter()      # runtime skips of earlier runs, all ranks summed
-    resumed = checkpoint.resume(engine, run_dir)
-    if resumed is not None:
-        tag_dir, state = resumed
-        start_step, samples_seen = state["step"], state["samples_seen"]
-        loader.load_state_dict(state["data"])     # the same position on every rank, at any world size
-        skipped_before.update(state.get("skipped", {}))
-        objective.load_state_dict(state.get("objective", {}))
-        if state.get("config_digest") != cfg.digest() and rank == 0:
-            print(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
-        if ema is not None and not ema.load(checkpoint.ema_path(tag_dir, rank)) and rank == 0:
-            print("note: no EMA for this layout in the checkpoint; the EMA restarts from the weights")
-
+    ledger = Ledger(run_dir, rank, world, enabled=cfg.train.ledger and counts_once > 0)
+    monitor = Monitor(run_dir, rank, 0, cfg.train.steps)
+    run = _Run(cfg, layout, engine, objective, loader, ema, monitor, ledger, run_dir, rank, tp_rank, device)
+    step = run.restore(tag_dir) if tag_dir is not None else 0
+    ledger.start_segment(step)
+    monitor.start_at(step)
     eval_batches = held_out_batches(cfg, engine.device)
-    monitor = Monitor(run_dir, rank, start_step, cfg.train.steps)
+    peak = 0.0
     if cfg.task == "dit":                           # perf/mfu: the DiT's FLOPs are counted (models/dit.py)
         peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
         monitor.message(f"perf/mfu against {peak:.3g} TFLOP/s per rank ({peak_source})")
-    if resumed is not None:
-        monitor.message(f"resumed from step {start_step} ({resumed[0]})")
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    last_save, nonfinite_in_a_row, reloaded_at = time.monotonic(), 0, None
+    while step < cfg.train.steps:
+        step += 1
         micro_batches = [_prepare(next(loader), device) for _ in range(layout.accumulation)]
+        ledger.record(step, micro_batches)
         seeds = [sample_seeds(cfg.seed, step, j * layout.data + dp_rank, len(b["caption"]))
                  for j, b in enumerate(micro_batches)]
         usable, = _sum_over_ranks([counts_once * sum(len(b["key"]) for b in micro_batches)], device)
@@ -217,6 +231,7 @@ def train(cfg: RunConfig) -> Path:
         weights = [sample_weights(b, scale, device) for b in micro_batches]
         extra: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # this rank's usable per-sample losses
+        skipped_before = engine.skipped_steps
         if layout.kind == "pipeline":
             loss_mean = float(pipeline_step(engine, objective, micro_batches, seeds, weights))
         else:
@@ -225,7 +240,8 @@ def train(cfg: RunConfig) -> Path:
                 engine.backward((per_sample * weight).sum())
                 engine.step()                      # DeepSpeed steps the optimizer after the last micro-batch
                 loss_sum += (per_sample.detach() * (weight > 0)).sum()
-        if ema is not None:
+        applied = engine.skipped_steps == skipped_before
+        if ema is not None and applied:
             ema.update()
         seconds = monitor.step_seconds()
         tokens, flops = 0.0, 0.0
@@ -234,35 +250,114 @@ def train(cfg: RunConfig) -> Path:
                 n, grid = _tokens(batch, cfg)
                 tokens += n
                 flops += n * objective.flops_per_token(grid)
-        loss_sum, tokens, flops = _sum_over_ranks([counts_once * v for v in (float(loss_sum), tokens, flops)], device)
+        # Rank 0 decides a time-based checkpoint for everyone (clocks differ between ranks).
+        due = float(rank == 0 and cfg.train.checkpoint_minutes > 0
+                    and time.monotonic() - last_save >= 60 * cfg.train.checkpoint_minutes)
+        loss_sum, tokens, flops, due = _sum_over_ranks(
+            [counts_once * v for v in (float(loss_sum), tokens, flops)] + [due], device)
         if layout.kind != "pipeline":
             loss_mean = loss_sum / usable if usable else float("nan")
-        samples_seen += int(usable)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        run.samples_seen += int(usable)
+        run.nonfinite += 0 if applied else 1
+        nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or not applied:
             perf = {"perf/tokens_per_s": tokens / seconds,
                     "perf/mfu": flops / seconds / (peak * 1e12 * world)} if cfg.task == "dit" else {}
             monitor.log(step, {
                 "train/loss": loss_mean, "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/skipped_nonfinite": run.nonfinite,
                 "perf/samples_per_s": usable / seconds, "perf/step_seconds": seconds, **perf,
-                **{f"data/skipped/{k}": v for k, v in _skip_counts(loader, skipped_before, device).items()}, **extra,
+                **{f"data/skipped/{k}": v for k, v in run.skip_counts().items()}, **extra,
             })
         monitor.advance()
+        if nonfinite_in_a_row >= cfg.train.nonfinite_patience:
+            last = checkpoint.latest_tag(run_dir)
+            if reloaded_at is not None or last is None:
+                raise NonFiniteError(
+                    f"steps {step - nonfinite_in_a_row + 1} to {step} had a non-finite loss or gradient norm "
+                    f"({nonfinite_in_a_row} in a row, train.nonfinite_patience {cfg.train.nonfinite_patience})"
+                    + (f", again after reloading {reloaded_at}" if reloaded_at else ", and there is no checkpoint to "
+                       "reload") + ". Try a lower train.lr or train.grad_clip, fp32 instead of bf16, or look for "
+                    "bad samples in the data (data/skipped/*, tools/ledger_check.py with train.ledger=true)")
+            monitor.message(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; reloading {last}")
+            step, nonfinite_in_a_row, reloaded_at = run.restore(last), 0, last
+            ledger.start_segment(step)
+            monitor.start_at(step)
+            continue
         if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
             with torch.no_grad():
                 metrics, preview = objective.evaluate(engine, eval_batches)
             monitor.log(step, metrics)
             if preview is not None:
                 monitor.video(step, "eval/reconstruction", preview)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            objective_state = objective.state_dict()
-            objective.before_export(engine.module, objective_state)
-            tag_dir = checkpoint.save(engine, run_dir, step, {
-                "samples_seen": samples_seen, "data": loader.state_dict(), "world_size": world,
-                "layout": dataclasses.asdict(layout), "objective": objective_state,
-                "skipped": _runtime_skips(loader, skipped_before, device), "config_digest": cfg.digest(),
-            }, layout, ema)
-            monitor.message(f"step {step}: checkpoint {tag_dir}")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or due:
+            seconds = run.save(step)
+            last_save = time.monotonic()
+            monitor.log(step, {"ckpt/save_s": seconds})
+            monitor.message(f"step {step}: checkpoint saved in {seconds:.1f} s")
+    ledger.close()
     monitor.close()
     dist.barrier()
     return run_dir
+
+
+class _Run:
+    """What a checkpoint saves and restores besides DeepSpeed's own state: the data position, counters, the
+    objective's state, the EMA; and the ledger flushed with it."""
+
+    def __init__(self, cfg, layout, engine, objective, loader, ema, monitor, ledger, run_dir, rank, tp_rank, device):
+        self.cfg, self.layout, self.engine, self.objective, self.loader = cfg, layout, engine, objective, loader
+        self.ema, self.monitor, self.ledger, self.run_dir = ema, monitor, ledger, run_dir
+        self.rank, self.tp_rank, self.device = rank, tp_rank, device
+        self.samples_seen, self.nonfinite = 0, 0
+        self.skipped_before: Counter[str] = Counter()    # runtime skips of earlier runs, all ranks summed
+
+    def skip_counts(self) -> dict[str, int]:
+        return _skip_counts(self.loader, self.skipped_before, self.device)
+
+    def save(self, step: int) -> float:
+        """Checkpoint `step` (every rank); returns the seconds it took."""
+        start = time.perf_counter()
+        self.ledger.flush()                         # the steps this checkpoint commits are on disk first
+        objective_state = self.objective.state_dict()
+        self.objective.before_export(self.engine.module, objective_state)
+        train = self.cfg.train
+        checkpoint.save(self.engine, self.run_dir, step, {
+            "samples_seen": self.samples_seen, "data": self.loader.state_dict(), "world_size": self.layout.world,
+            "layout": dataclasses.asdict(self.layout), "topology": topology(self.layout, self.cfg.parallel.zero),
+            "objective": objective_state, "skipped_nonfinite": self.nonfinite,
+            "skipped": _runtime_skips(self.loader, self.skipped_before, self.device),
+            "config_digest": self.cfg.digest(),
+        }, self.layout, self.ema, keep_last=train.keep_last, keep_every=train.keep_every)
+        return time.perf_counter() - start
+
+    def restore(self, tag_dir: Path) -> int:
+        """Load a checkpoint into the engine and everything around it; returns its step."""
+        state = read_state(tag_dir)
+        saved = saved_topology(state)
+        change = check_topology_change(saved, topology(self.layout, self.cfg.parallel.zero))
+        restore_engine(self.engine, tag_dir, saved, change)
+        self.samples_seen, self.nonfinite = state["samples_seen"], state.get("skipped_nonfinite", 0)
+        self.loader.load_state_dict(state["data"])     # the same position on every rank, at any world size
+        self.skipped_before = Counter(state.get("skipped", {}))
+        self.loader.skipped.clear()
+        self.objective.load_state_dict(state.get("objective", {}))
+        if state.get("config_digest") != self.cfg.digest():
+            self.monitor.message(f"note: config differs from checkpoint {state['config_digest']}; resuming anyway")
+        if self.ema is not None:
+            if change is None and self.ema.load(checkpoint.ema_path(tag_dir, self.rank)):
+                pass
+            elif (tag_dir / checkpoint.EMA_NAME).is_file():
+                ema_from_export(self.ema, self.engine, tag_dir, self.layout, self.tp_rank, self._dit_name)
+            else:
+                self.monitor.message("note: the checkpoint has no EMA; the EMA restarts from the weights")
+        self.monitor.message(f"resumed from step {state['step']} ({tag_dir})"
+                             + (f" on a new topology: {change}" if change else ""))
+        return state["step"]
+
+    def _dit_name(self, name: str) -> str:
+        """An engine parameter's name in the exported weights."""
+        if self.layout.kind == "pipeline":
+            return dit_name(name, self.engine.module.num_blocks)
+        return name
