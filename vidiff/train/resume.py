@@ -86,19 +86,18 @@ def check_topology_change(saved: dict, current: dict) -> str | None:
     """None when the checkpoint's files load as they are; else a description of the change, converted through
     DeepSpeed's universal checkpoint. Raises LayoutError, before any process starts (`vidiff check`), for what
     vidiff cannot convert: a switch between the sharded and the pipeline layout (their parameter names and
-    optimizer states differ in DeepSpeed's universal format), a change of ZeRO stage, ZeRO-0 (no universal
-    format), tensor parallelism in the sharded layout below ZeRO-3 (AutoTP's own universal metadata), a change of
-    pipeline size (not tested here)."""
+    optimizer states differ in DeepSpeed's universal format), a change of ZeRO stage (each stage's loader looks for
+    its own model-state file names), ZeRO-0 (no universal format), tensor parallelism in the sharded layout below
+    ZeRO-3 (AutoTP's own universal metadata)."""
     keys = ("kind", "zero", "data", "tensor", "pipeline")
     saved = {"zero": current["zero"], **saved}        # checkpoints from before the stage was recorded
     if all(saved[k] == current[k] for k in keys):
         return None
     change = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in keys if saved[k] != current[k])
-    supported = "other data and tensor sizes in the pipeline layout (its pipeline size kept) and in the sharded " \
-        "layout at ZeRO-3, other data sizes in the sharded layout at ZeRO-1/2; the same layout and ZeRO stage"
+    supported = "other data, tensor and pipeline sizes in the pipeline layout, other data and tensor sizes in the " \
+        "sharded layout at ZeRO-3, other data sizes in the sharded layout at ZeRO-1/2; the same layout and ZeRO stage"
     sharded_below_3 = current["kind"] == "sharded" and current["zero"] < 3
     if (saved["kind"] != current["kind"] or saved["zero"] != current["zero"] or current["zero"] == 0
-            or saved["pipeline"] != current["pipeline"]
             or (sharded_below_3 and (saved["tensor"] > 1 or current["tensor"] > 1))):
         raise LayoutError(f"resuming a checkpoint written with {describe(saved)} on {describe(current)} ({change}): "
                           f"vidiff converts checkpoints to {supported}. Resume on {describe(saved)}")
