@@ -10,3 +10,14 @@ else
   export DS_ACCELERATOR=cpu
   nproc="${NPROC:-2}"
 fi
+
+# A deepspeed hostfile's ranks (the sum of its slots) and nodes ("HOST slots=N" lines; # comments).
+hostfile_world() { awk '!/^[[:space:]]*(#|$)/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { sub("slots=", "", $i); n += $i } } END { print n + 0 }' "$1"; }
+hostfile_nodes() { awk '!/^[[:space:]]*(#|$)/ { n++ } END { print n + 0 }' "$1"; }
+
+# What the launchers run on every rank: `vidiff train` (default) or the preflight alone (VIDIFF_COMMAND=doctor).
+command="${VIDIFF_COMMAND:-train}"
+case "$command" in
+  train|doctor) ;;
+  *) echo "launchers: VIDIFF_COMMAND=$command; valid: train, doctor" >&2; exit 2 ;;
+esac

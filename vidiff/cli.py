@@ -87,6 +87,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"run folder: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    """The preflight `vidiff train` runs at start, alone (under a launcher for every rank: VIDIFF_COMMAND=doctor)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = _load(args)
+    _layout(cfg, world, args.config, None)
+    _prepare_environment()
+    from vidiff.device import rank_device
+    from vidiff.train import preflight
+    from vidiff.train.trainer import init_distributed
+
+    rank, _ = init_distributed(cfg.train.preflight_timeout)
+    needed = preflight.checkpoint_bytes(cfg)
+    reports = preflight.check(cfg, rank_device(cfg.parallel.tf32), needed)
+    if rank == 0:
+        for r in reports:
+            print(f"rank {r.rank}: {r.host}, {r.device}, torch {r.versions['torch']}, deepspeed "
+                  f"{r.versions['deepspeed']}, nccl {r.versions['nccl']}, {r.free_gb:.1f} GB free")
+        print(preflight.summary(reports, needed))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     cfg = _load(args)
     import torch
@@ -227,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a run config, its layout on --world-size ranks and the checkpoint it would resume")))
     p.add_argument("--world-size", type=positive_int, default=1, help="ranks the run will start (default 1)")
     p.set_defaults(func=cmd_check)
+
+    p = with_config(sub.add_parser(
+        "doctor", help="preflight on every rank: collective, versions, run folder, shards, disk (under a launcher)"))
+    p.set_defaults(func=cmd_doctor)
 
     p = with_config(sub.add_parser("sample", help="sample videos from a DiT run's latest checkpoint"))
     p.add_argument("--run", help="the DiT run folder (default: the config's out_dir)")

@@ -192,6 +192,8 @@ class TrainConfig(_Section):
     # A step whose loss or gradient norm is not finite is skipped (no optimizer step) and counted; after this
     # many in a row the run reloads its last checkpoint, and stops if they come again.
     nonfinite_patience: int = Field(3, ge=1)
+    # Every rank must join the process group within this many seconds at start (train/preflight.py).
+    preflight_timeout: float = Field(300.0, gt=0.0)
 
 
 class ParallelConfig(_Section):

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from tqdm import tqdm
 
 from vidiff.config import RunConfig
 from vidiff.data.buckets import frames_needed
 from vidiff.data.pipeline import ShardLoader, sample_stride, to_model_input, unit_hash
 from vidiff.data.video import ClipError
+from vidiff.progress import progress
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -61,7 +61,7 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
             by_shard.setdefault(shard, []).extend(entries)
     written = []
     mine = sorted(by_shard)[rank::world_size]
-    for shard in tqdm(mine, desc=f"cache-latents rank {rank}", unit="shard", disable=rank != 0):
+    for shard in progress(mine, desc=f"cache-latents rank {rank}", unit="shard", disable=rank != 0):
         target = out / f"latents-{shard.stem}.tar"
         if target.is_file():                        # finished by an earlier run
             continue

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vidiff.config import InputError
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import ClipError, encode_mp4, probe, probe_image
+from vidiff.progress import progress
 
 VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -122,7 +123,7 @@ def write_shards(samples: Iterable[dict], out: str | Path, prefix: str = "shard"
     for old in out.glob(f"{prefix}-*.tar"):
         old.unlink()
     with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=max_bytes, verbose=0) as sink:
-        for sample in tqdm(samples, total=total, desc="shards", unit="sample"):
+        for sample in progress(samples, total=total, desc="shards", unit="sample"):
             if "." in sample["__key__"]:
                 raise ShardError(f"sample key {sample['__key__']!r} contains a dot; webdataset splits keys at dots")
             sink.write(sample)

@@ -13,6 +13,7 @@ import torch
 from vidiff.config import EDMConfig, SampleConfig
 from vidiff.diffusion.edm import Denoiser
 from vidiff.diffusion.samplers import guided, karras_sigmas, sample_heun
+from vidiff.progress import progress
 
 TextEncode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -38,7 +39,7 @@ def generate(denoise: Denoiser, encode_text: TextEncode, decode: Decode, prompts
     """Prompts -> videos (3, T, H, W) in [-1, 1], reproducible from sample.seed."""
     generator = torch.Generator().manual_seed(sample.seed)
     videos = []
-    for prompt in prompts:
+    for prompt in progress(prompts, desc="sample", unit="clip"):
         latent = sample_base(denoise, encode_text, prompt, latent_shape, sample, edm, generator)
         videos.append(decode(latent)[0].clamp(-1, 1))
     return videos

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -212,31 +211,6 @@ def set_aside(run_dir: Path) -> Path:
     aside = folder.with_name(f"checkpoints.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.rename(aside)
     return aside
-
-
-def check_writable(run_dir: Path) -> None:
-    """Every rank writes, flushes and deletes a probe file in the checkpoint folder; if any rank cannot, every
-    rank raises CheckpointError naming the ranks, hosts and errors (every rank must call; before any step)."""
-    folder = Path(run_dir) / "checkpoints"
-    probe = folder / f".write-probe-{socket.gethostname()}-{_rank()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-        problem = None
-    except OSError as error:
-        problem = f"rank {_rank()} on {socket.gethostname()}: {error}"
-    problems = [problem]
-    if dist.is_initialized():
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-    problems = [p for p in problems if p]
-    if problems:
-        raise CheckpointError(f"cannot write checkpoints to {folder}: {'; '.join(problems)}. Give every rank write "
-                              "access to it, or set out_dir to a folder they can write")
 
 
 def latest_tag(run_dir: Path) -> Path | None:

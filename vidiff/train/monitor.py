@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vidiff.data.video import encode_gif
+from vidiff.progress import progress
 
 # Dense peak TFLOP/s per GPU by name and precision (vendor data sheets; fp32 means TF32 tensor cores).
 GPU_PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0},
@@ -61,8 +62,7 @@ class Monitor:
     def __init__(self, run_dir: Path, rank: int, start_step: int, total_steps: int):
         self.active = rank == 0
         self.writer = SummaryWriter(str(run_dir / "tb")) if self.active else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0) if self.active else None
+        self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step") if self.active else None
         self._last = time.perf_counter()
         self._described: set[str] = set()
 

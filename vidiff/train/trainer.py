@@ -27,7 +27,7 @@ from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
 from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, pipeline_step
 from vidiff.parallel.sharded import build_sharded_engine
-from vidiff.train import checkpoint
+from vidiff.train import checkpoint, preflight
 from vidiff.train.checkpoint import CONFIG_NAME
 from vidiff.train.ema import EMA
 from vidiff.train.ledger import Ledger
@@ -51,16 +51,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group (gloo on CPU, nccl on GPU); a plain `vidiff train` is world size 1."""
-    import deepspeed
-
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join the launcher's process group (gloo on CPU, nccl on GPU) within timeout_s (train/preflight.join); a
+    plain `vidiff train` is world size 1."""
     if "RANK" not in os.environ:                    # not started by a launcher: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
+    preflight.join(timeout_s, backend="nccl" if torch.cuda.is_available() else "gloo")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     if not torch.cuda.is_available():               # ranks on one CPU share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -175,11 +173,13 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     whose gradient norm is not finite is not applied (DeepSpeed's overflow path: no update, no LR step) and is
     counted; train.nonfinite_patience of them in a row reload the last checkpoint, and again stop the run."""
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.preflight_timeout)
     device = rank_device(cfg.parallel.tf32)
     run_dir = Path(cfg.out_dir)
-    checkpoint.check_writable(run_dir)               # every rank, before anything is built
+    needed = preflight.checkpoint_bytes(cfg)
+    reports = preflight.check(cfg, device, needed)  # every rank, before anything is built
     if rank == 0:
+        print(preflight.summary(reports, needed))
         save_config(cfg, run_dir / CONFIG_NAME)
         for doomed in checkpoint.remove_incomplete(run_dir):
             print(f"note: removed {doomed}, a checkpoint whose save did not finish")
