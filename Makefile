@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-fast test-browser clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ clean-demo:
 
 test: setup
 	$(BIN)/python -m pytest -q -rs --durations=10 $(PYTEST_ARGS)
+
+# TensorBoard in headless Chromium (tests/browser, not part of `make test`): installs Debian's chromium and
+# chromium-driver (as root) and selenium; screenshots go to docs/screenshots/.
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(BIN)/pip install -q selenium
+	VIDIFF_BROWSER_TESTS=1 $(BIN)/python -m pytest -q tests/browser $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/browser/ needs Chromium and selenium: `make test-browser` installs them and sets VIDIFF_BROWSER_TESTS.
+collect_ignore_glob = [] if os.environ.get("VIDIFF_BROWSER_TESTS") else ["browser/*"]
 sys.path.insert(0, str(Path(__file__).parent))      # test helpers (gmm.py)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -59,14 +61,20 @@ def launch(config: str | Path, overrides: list[str], ranks: int = 2, cwd: Path |
     return result
 
 
-def two_node_root(tmp_path_factory, name: str, samples: int, per_shard: int) -> Path:
-    """A folder with a VAE run, latent shards and a hostfile of two nodes of one rank each (multinode.sh tests)."""
+def latent_root(tmp_path_factory, name: str, samples: int, per_shard: int) -> Path:
+    """A folder with a VAE run (vae/) and latent shards of `samples` clips (latents/), for short DiT runs."""
     from datasets import latent_samples, vae_run_folder
     from vidiff.data.shards import write_shards
 
     root = tmp_path_factory.mktemp(name)
     vae_run_folder(root / "vae")
     write_shards(latent_samples(samples), root / "latents", max_count=per_shard)
+    return root
+
+
+def two_node_root(tmp_path_factory, name: str, samples: int, per_shard: int) -> Path:
+    """latent_root and a hostfile of two nodes of one rank each (multinode.sh tests)."""
+    root = latent_root(tmp_path_factory, name, samples, per_shard)
     (root / "hostfile").write_text("# two nodes of one rank each\nnode-a slots=1\nnode-b slots=1\n")
     return root
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, launcher
-from datasets import latent_samples, vae_run_folder
+from conftest import REPO, latent_root, launch, launcher
+from datasets import latent_samples
 from vidiff.data.latents import npy_bytes
 from vidiff.data.shards import write_shards
 from vidiff.train.checkpoint import STATE_NAME
@@ -35,10 +35,7 @@ def _train(root, name: str, *extra: str, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    vae_run_folder(root / "vae")
-    write_shards(latent_samples(40), root / "latents", max_count=10)
-    return root
+    return latent_root(tmp_path_factory, "faults", samples=40, per_shard=10)
 
 
 def _tags(run) -> list[str]:

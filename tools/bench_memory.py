@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import batch, build_engine, forward_backward, launch, parse_with_worker, run_config  # noqa: E402
 
+from vidiff.device import resident_kib  # noqa: E402
 from vidiff.models.dit import count_parameters  # noqa: E402
 
 TARGET_REST, TARGET_PEAK = 1.05, 1.3
@@ -54,12 +55,6 @@ def live_tensor_bytes() -> int:
             if storage.nbytes():
                 storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
-
-
-def resident_kib() -> dict[str, int]:
-    """This process's resident memory now (VmRSS) and its high-water mark (VmHWM), KiB."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
 
 
 def one_step(engine, cfg, d) -> None:

@@ -194,6 +194,14 @@ class TrainConfig(_Section):
     nonfinite_patience: int = Field(3, ge=1)
     # Every rank must join the process group within this many seconds at start (train/preflight.py).
     preflight_timeout: float = Field(300.0, gt=0.0)
+    # A step longer than this prints every rank's thread stacks once (faulthandler); 0: no watchdog.
+    stall_seconds: float = Field(600.0, ge=0.0)
+    # A rank whose data takes this many times the median across ranks is named in the log (perf/slowest_rank).
+    straggler_factor: float = Field(2.0, gt=1.0)
+    # Every this many steps, a DiT preview in TensorBoard's Images tab: the first 4 sample.prompts, sampled from
+    # the EMA weights (the weights without an EMA) with preview_steps Heun steps (0: none; sharded layout only).
+    preview_every: int = Field(0, ge=0)
+    preview_steps: int = Field(8, ge=1)
 
 
 class ParallelConfig(_Section):

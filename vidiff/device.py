@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -18,3 +19,28 @@ def rank_device(tf32: bool = True) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     return torch.device("cuda", local_rank)
+
+
+def resident_kib() -> dict[str, int]:
+    """This process's resident memory now (VmRSS) and its high-water mark (VmHWM), KiB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the GPU's allocator statistics, or on the CPU the resident high-water mark (VmHWM :=
+    VmRSS; where the kernel refuses, the peak stays the process's lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The peak since reset_peak_memory: GPU memory allocated by torch, or the process's resident memory (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resident_kib()["VmHWM"] * 1024 / 1e9

@@ -35,11 +35,12 @@ def sample_base(denoise: Denoiser, encode_text: TextEncode, prompt: str, latent_
 
 @torch.no_grad()
 def generate(denoise: Denoiser, encode_text: TextEncode, decode: Decode, prompts: list[str],
-             latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig) -> list[torch.Tensor]:
+             latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig,
+             show_progress: bool = True) -> list[torch.Tensor]:
     """Prompts -> videos (3, T, H, W) in [-1, 1], reproducible from sample.seed."""
     generator = torch.Generator().manual_seed(sample.seed)
     videos = []
-    for prompt in progress(prompts, desc="sample", unit="clip"):
+    for prompt in progress(prompts, desc="sample", unit="clip", disable=not show_progress):
         latent = sample_base(denoise, encode_text, prompt, latent_shape, sample, edm, generator)
         videos.append(decode(latent)[0].clamp(-1, 1))
     return videos

@@ -20,6 +20,7 @@ from torch import nn
 
 from vidiff.config import RunConfig
 from vidiff.data.pipeline import ShardLoader, to_model_input, to_uint8
+from vidiff.diffusion.cascade import generate
 from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT, training_flops_per_token
@@ -28,13 +29,21 @@ from vidiff.models.vae import BlockPCA, VideoVAE, block_pca, kl_divergence, late
 from vidiff.train import checkpoint
 
 
+PREVIEW_PROMPTS = 4
+
+
 class Objective(Protocol):
     def build_model(self) -> nn.Module: ...
-    def loss(self, engine, batch: dict, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, engine, batch: dict, seeds: list[int]
+             ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Per-sample losses (B,), the samples' noise levels (B,) where there are any (train/loss_by_sigma), and
+        scalars to log."""
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def before_export(self, module: nn.Module, state: dict) -> None: ...
     def evaluate(self, engine, batches: list[dict]) -> tuple[dict[str, float], np.ndarray | None]: ...
+    def preview(self, engine) -> np.ndarray | None:
+        """A sampled clip per preview prompt, side by side, uint8 (T, H, W x prompts, 3) (every rank calls)."""
 
 
 def per_sample_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -80,8 +89,11 @@ class VAEObjective:
             self.latent_moments = moments if self.latent_moments is None else (
                 self.ema_decay * self.latent_moments + (1 - self.ema_decay) * moments)
         loss = l1 + mse + self.cfg.vae.kl_weight * kl
-        return loss, {"vae/l1": l1.mean().item(), "vae/kl": kl.mean().item(),
+        return loss, None, {"vae/l1": l1.mean().item(), "vae/kl": kl.mean().item(),
                       "vae/psnr": psnr(recon.detach(), video).item()}
+
+    def preview(self, engine) -> None:
+        return None                         # its previews are the held-out reconstructions (evaluate)
 
     def state_dict(self) -> dict:
         """The latent statistics averaged over ranks (every rank must call). The EMA is linear, so restoring
@@ -167,7 +179,7 @@ class DiTObjective:
         d = self.diffusion_inputs(batch, seeds)
         loss = edm_loss(engine, d["x0"], d["sigma"], d["noise"], self.cfg.edm.sigma_data, text=d["text"],
                         text_mask=d["text_mask"])
-        return loss, {}
+        return loss, d["sigma"], {}
 
     def state_dict(self) -> dict:
         return {}
@@ -177,6 +189,18 @@ class DiTObjective:
 
     def evaluate(self, engine, batches):
         return {}, None
+
+    @torch.no_grad()
+    def preview(self, engine) -> np.ndarray:
+        """train.preview_every: the first PREVIEW_PROMPTS sample.prompts, sampled with train.preview_steps Heun
+        steps from sample.seed at the first video bucket's size, through the engine (every rank runs the same
+        draws: ZeRO-3 gathers the weights), decoded by the frozen VAE."""
+        frames, height, width = self.cfg.data.video_shape
+        shape = latent_shape(frames, height, width, self.vae.cfg.latent_channels)
+        sample = self.cfg.sample.model_copy(update={"steps": self.cfg.train.preview_steps})
+        videos = generate(engine, self.text, self.vae.decode, self.cfg.sample.prompts[:PREVIEW_PROMPTS], shape,
+                          sample, self.cfg.edm, show_progress=False)
+        return np.concatenate([to_uint8(v) for v in videos], axis=2)            # (T, H, W x prompts, 3)
 
     def before_export(self, module: nn.Module, state: dict) -> None:
         pass

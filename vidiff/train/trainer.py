@@ -10,6 +10,7 @@ import random
 import time
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -209,7 +210,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch,
                          accumulation=layout.accumulation)
     ledger = Ledger(run_dir, rank, world, enabled=cfg.train.ledger and counts_once > 0)
-    monitor = Monitor(run_dir, rank, 0, cfg.train.steps)
+    monitor = Monitor(run_dir, rank, 0, cfg.train.steps, device, cfg.train.stall_seconds, cfg.train.straggler_factor)
+    monitor.text("run/config", f"```yaml\n{(run_dir / CONFIG_NAME).read_text()}```" if rank == 0 else "")
+    monitor.text("run/layout", layout.describe())
     run = _Run(cfg, layout, engine, objective, loader, ema, monitor, ledger, run_dir, rank, tp_rank, device)
     step = run.restore(tag_dir) if tag_dir is not None else 0
     ledger.start_segment(step)
@@ -219,10 +222,17 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     if cfg.task == "dit":                           # perf/mfu: the DiT's FLOPs are counted (models/dit.py)
         peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
         monitor.message(f"perf/mfu against {peak:.3g} TFLOP/s per rank ({peak_source})")
+    previews = cfg.train.preview_every > 0 and cfg.task == "dit"
+    if previews and layout.kind == "pipeline":
+        previews = False
+        monitor.message("note: train.preview_every: previews sample through the sharded layout's engine; the "
+                        "pipeline layout gets none (sample the exported weights with vidiff sample)")
     last_save, nonfinite_in_a_row, reloaded_at = time.monotonic(), 0, None
     while step < cfg.train.steps:
         step += 1
+        monitor.begin_step()
         micro_batches = [_prepare(next(loader), device) for _ in range(layout.accumulation)]
+        monitor.mark("data")
         ledger.record(step, micro_batches)
         seeds = [sample_seeds(cfg.seed, step, j * layout.data + dp_rank, len(b["caption"]))
                  for j, b in enumerate(micro_batches)]
@@ -232,17 +242,23 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
         extra: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # this rank's usable per-sample losses
         skipped_before = engine.skipped_steps
-        if layout.kind == "pipeline":
+        if layout.kind == "pipeline":                # the optimizer runs inside train_batch: one phase
             loss_mean = float(pipeline_step(engine, objective, micro_batches, seeds, weights))
+            monitor.mark("forward_backward")
         else:
             for batch, batch_seeds, weight in zip(micro_batches, seeds, weights):
-                per_sample, extra = objective.loss(engine, batch, batch_seeds)      # (B,)
+                per_sample, sigma, extra = objective.loss(engine, batch, batch_seeds)      # (B,), (B,)
                 engine.backward((per_sample * weight).sum())
+                monitor.mark("forward_backward")
                 engine.step()                      # DeepSpeed steps the optimizer after the last micro-batch
+                monitor.mark("optimizer")
                 loss_sum += (per_sample.detach() * (weight > 0)).sum()
+                if sigma is not None and counts_once:
+                    monitor.observe_losses(sigma, per_sample, weight > 0)
         applied = engine.skipped_steps == skipped_before
         if ema is not None and applied:
             ema.update()
+        monitor.mark("optimizer")
         seconds = monitor.step_seconds()
         tokens, flops = 0.0, 0.0
         if cfg.task == "dit":
@@ -260,7 +276,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
         run.samples_seen += int(usable)
         run.nonfinite += 0 if applied else 1
         nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or not applied:
+        log = step % cfg.train.log_every == 0 or step == cfg.train.steps or not applied
+        accounting = monitor.end_step(step, log)      # every rank: a collective on log steps
+        if log:
             perf = {"perf/tokens_per_s": tokens / seconds,
                     "perf/mfu": flops / seconds / (peak * 1e12 * world)} if cfg.task == "dit" else {}
             monitor.log(step, {
@@ -268,7 +286,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/skipped_nonfinite": run.nonfinite,
                 "perf/samples_per_s": usable / seconds, "perf/step_seconds": seconds, **perf,
-                **{f"data/skipped/{k}": v for k, v in run.skip_counts().items()}, **extra,
+                **{f"data/skipped/{k}": v for k, v in run.skip_counts().items()}, **extra, **accounting,
             })
         monitor.advance()
         if nonfinite_in_a_row >= cfg.train.nonfinite_patience:
@@ -291,6 +309,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
             monitor.log(step, metrics)
             if preview is not None:
                 monitor.video(step, "eval/reconstruction", preview)
+        if previews and (step % cfg.train.preview_every == 0 or step == cfg.train.steps):
+            with ema.swapped() if ema is not None else nullcontext():
+                monitor.video(step, "preview/samples", objective.preview(engine))
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or due:
             seconds = run.save(step)
             last_save = time.monotonic()
