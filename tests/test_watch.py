@@ -66,6 +66,17 @@ def test_tensorboard_shows_what_people_watch(root):
     assert {"run/config/text_summary", "run/layout/text_summary"} <= texts, texts
 
 
+def test_the_pipeline_layout_counts_every_sample_by_sigma(root):
+    """The per-sample losses of the pipeline layout exist on its last stage only: they are counted there."""
+    run = root / "pipeline"
+    launch(REPO / "configs/demo.yaml", _overrides(root, run.name, "train.steps=4", "train.log_every=2",
+                                                  "parallel.pipeline=2"), 2, root)
+    seen = json.loads((run / "checkpoints/step00000004" / STATE_NAME).read_text())["samples_seen"]
+    counts = [read_scalars(run, f"train/samples_by_sigma/{name}") for name in sigma_bin_names()]
+    assert sum(sum(c.values()) for c in counts) == seen
+    assert any(read_scalars(run, f"train/loss_by_sigma/{name}") for name in sigma_bin_names())
+
+
 def _rank_pid(port: int, rank: int) -> int | None:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

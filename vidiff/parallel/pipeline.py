@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,12 +70,24 @@ class HeadLayer(nn.Module):
         return unpatchify(self.final(x, c), tuple(grid.tolist()), self.patch)
 
 
-def pipeline_loss(F_x: torch.Tensor, labels: tuple[torch.Tensor, ...], sigma_data: float) -> torch.Tensor:
+def pipeline_loss(F_x: torch.Tensor, labels: tuple[torch.Tensor, ...], sigma_data: float,
+                  observe: Callable | None = None) -> torch.Tensor:
     """D = c_skip x + c_out F, then the per-sample EDM losses summed with the trainer's weights (B,) (0 for
-    padding; see trainer.sample_weights)."""
+    padding; see trainer.sample_weights). observe(sigma, per-sample losses, usable) sees them on the last stage
+    (train/loss_by_sigma: observe_losses)."""
     x0, x, sigma, weight = labels
     c_skip, c_out, _, _ = scalings(sigma, x, sigma_data)
-    return (weighted_error(c_skip * x + c_out * F_x.to(x.dtype), x0, sigma, sigma_data) * weight).sum()
+    per_sample = weighted_error(c_skip * x + c_out * F_x.to(x.dtype), x0, sigma, sigma_data)      # (B,)
+    if observe is not None:
+        observe(sigma, per_sample, weight > 0)
+    return (per_sample * weight).sum()
+
+
+def observe_pipeline_losses(engine, observe: Callable) -> None:
+    """Have the last stage's loss hand its per-sample losses and sigmas to observe (the engine calls
+    module.loss_fn on the last stage only)."""
+    engine.module.loss_fn = partial(pipeline_loss, sigma_data=engine.module.loss_fn.keywords["sigma_data"],
+                                    observe=observe)
 
 
 def tensor_group(topology, rank: int):
@@ -103,12 +116,15 @@ def build_pipeline_engine(cfg: RunConfig, layout: Layout, build_model, ds_config
              *[LayerSpec(BlockLayer, block, dit.cfg, tp_group, tp_rank, layout.tensor) for block in dit.blocks],
              LayerSpec(HeadLayer, dit.final, dit.cfg.patch_size)]
     # Stage inputs are a tuple with several float tensors: DeepSpeed's default (reentrant) checkpoint breaks
-    # on it, the non-reentrant one recomputes exactly. Several buckets change shapes between micro-batches.
+    # on it, the non-reentrant one recomputes exactly. Shapes change between micro-batches (buckets, and an
+    # epoch's last partial batch): with dynamic_shape off the stages reuse the first micro-batch's buffers, and a
+    # partial batch of 1 arrived in a buffer of 2 (its loss broadcast over a stale row; seen through
+    # train/samples_by_sigma).
     module = PipelineModule(specs, topology=topology, loss_fn=partial(pipeline_loss, sigma_data=sigma_data),
                             partition_method="type:BlockLayer",
                             activation_checkpoint_interval=int(cfg.parallel.activation_checkpointing),
                             activation_checkpoint_func=checkpointing.non_reentrant_checkpoint,
-                            dynamic_shape=len(cfg.data.buckets) > 1)
+                            dynamic_shape=True)
     module.tp_group = tp_group                      # for export: joining the tensor-parallel slices
     module.num_blocks = dit.cfg.depth
     optimizer, schedule = make_optimizer(module.parameters(), cfg.train)

@@ -118,9 +118,9 @@ class Monitor:
 
     def observe_losses(self, sigma: torch.Tensor, per_sample: torch.Tensor, usable: torch.Tensor) -> None:
         """Per-sample losses (B,) at noise levels sigma (B,), counted where usable (B,) (no sync: on the device)."""
-        index = torch.bucketize(sigma.detach().to(self._edges.dtype), self._edges)
-        usable = usable.to(torch.float64)
-        self._bins[0].index_add_(0, index, per_sample.detach().to(torch.float64) * usable)
+        index = torch.bucketize(sigma.detach().reshape(-1).to(self._edges.dtype), self._edges)
+        usable = usable.reshape(-1).to(torch.float64)
+        self._bins[0].index_add_(0, index, per_sample.detach().reshape(-1).to(torch.float64) * usable)
         self._bins[1].index_add_(0, index, usable)
 
     def end_step(self, step: int, log: bool) -> dict[str, float]:

@@ -26,7 +26,7 @@ from vidiff.models.dit import count_parameters
 from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
-from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, pipeline_step
+from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, observe_pipeline_losses, pipeline_step
 from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.train import checkpoint, preflight
 from vidiff.train.checkpoint import CONFIG_NAME
@@ -213,6 +213,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     monitor = Monitor(run_dir, rank, 0, cfg.train.steps, device, cfg.train.stall_seconds, cfg.train.straggler_factor)
     monitor.text("run/config", f"```yaml\n{(run_dir / CONFIG_NAME).read_text()}```" if rank == 0 else "")
     monitor.text("run/layout", layout.describe())
+    if layout.kind == "pipeline" and tp_rank == 0:  # the last stage's per-sample losses, once per sample
+        observe_pipeline_losses(engine, monitor.observe_losses)
     run = _Run(cfg, layout, engine, objective, loader, ema, monitor, ledger, run_dir, rank, tp_rank, device)
     step = run.restore(tag_dir) if tag_dir is not None else 0
     ledger.start_segment(step)
