@@ -18,7 +18,7 @@ HOST = socket.gethostname()
 def _overrides(root, name: str, *extra: str) -> list[str]:
     return [f"out_dir={root / name}", f"data.shards={root / 'latents'}", "data.buckets=[[9,32,32]]",
             f"vae.checkpoint={root / 'vae'}", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-            "text.max_tokens=8", "train.steps=2", "parallel.micro_batch=2", "train.preflight_timeout=15", *extra]
+            "text.max_tokens=8", "train.steps=2", "parallel.micro_batch=2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,12 @@ def _doctor(root, name: str, *extra: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _two_nodes(root, name: str, node1_env: dict, node1_extra: tuple = ()) -> tuple[list[int], str, float]:
+def _two_nodes(root, name: str, node1_env: dict, node1_extra: tuple = (), both: tuple = ()
+               ) -> tuple[list[int], str, float]:
     """Two multinode.sh launchers as nodes 0 and 1 running `vidiff train`; node 1 gets node1_env and overrides.
     Returns the exit codes, the output of both and the seconds until both ended."""
     port, start = free_port(), time.monotonic()
-    nodes = [multinode(root, "configs/demo.yaml", _overrides(root, name, *extra), rank, port, **env)
+    nodes = [multinode(root, "configs/demo.yaml", _overrides(root, name, *both, *extra), rank, port, **env)
              for rank, env, extra in ((0, {}, ()), (1, node1_env, node1_extra))]
     outs = [node.communicate(timeout=300)[0] for node in nodes]
     return [node.returncode for node in nodes], "\n".join(outs), time.monotonic() - start
@@ -69,7 +70,8 @@ def test_shards_missing_on_one_node_are_named_before_any_step(root):
 def test_a_rank_that_cannot_join_fails_within_the_timeout(root):
     """Node 1 is given another master port: nobody hangs; both nodes fail within the 15 s timeout (plus start-up)
     saying the ranks did not all join, and where."""
-    codes, out, seconds = _two_nodes(root, "cannot-join", {"MASTER_PORT": str(free_port())})
+    codes, out, seconds = _two_nodes(root, "cannot-join", {"MASTER_PORT": str(free_port())},
+                                     both=("train.preflight_timeout=15",))
     assert codes[0] != 0 and codes[1] != 0
     assert "did not all join" in out and "train.preflight_timeout 15 s" in out, out[-4000:]
     assert "rank 0 on" in out and "rank 1 on" in out
