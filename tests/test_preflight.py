@@ -54,7 +54,7 @@ def test_an_unwritable_run_folder_is_named_by_every_rank(root):
     (root / "unwritable").mkdir()
     (root / "unwritable" / "checkpoints").write_text("a file where the checkpoint folder goes")
     result = _doctor(root, "unwritable")
-    assert result.returncode != 0       # 2; once in CI 250: "terminate called" at exit after the error (gloo)
+    assert result.returncode == 2, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} on {HOST}: cannot write checkpoints to" in result.stderr, result.stderr[-3000:]
 

@@ -190,7 +190,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
         sys.exit(EXIT_BAD_CONFIG)
     workers = args.workers or max(1, os.cpu_count() or 1)
     if args.synthetic:
-        samples = synthetic_samples(args.synthetic, args.height, args.width, args.frames, args.fps, args.seed)
+        samples = synthetic_samples(args.synthetic, args.height, args.width, args.frames, args.fps, args.seed,
+                                    args.split, args.second_object, args.texture)
     elif args.input:
         samples = folder_samples(args.input, workers)
     elif args.manifest:
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="synthetic: train draws only the seen (colour, shape, direction) combinations")
+    p.add_argument("--second-object", type=float, default=0.0, help="synthetic: share of clips with two objects")
+    p.add_argument("--texture", type=float, default=0.0, help="synthetic: share of clips on a textured background")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--max-count", type=int, default=100_000, help="samples per shard at most")
     p.add_argument("--max-mb", type=float, default=1024, help="shard size limit in MiB")
@@ -296,7 +301,18 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except InputError as exc:                       # bad shards, checkpoint or model files: one message
         print(f"vidiff {args.command}: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
+        _exit_bad_input()
+
+
+def _exit_bad_input() -> None:
+    """Exit 2. With a process group up, skip interpreter teardown: destroying a gloo group whose peers are
+    leaving too can abort in C++ ("terminate called", exit 250), which would hide the status."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_BAD_CONFIG)
+    sys.exit(EXIT_BAD_CONFIG)
 
 
 if __name__ == "__main__":
