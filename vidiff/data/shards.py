@@ -21,7 +21,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vidiff.config import InputError
-from vidiff.data.synthetic import make_clips
+from vidiff.data.synthetic import Split, make_clips
 from vidiff.data.video import ClipError, encode_mp4, probe, probe_image
 from vidiff.progress import progress
 
@@ -130,9 +130,10 @@ def write_shards(samples: Iterable[dict], out: str | Path, prefix: str = "shard"
     return write_index(out)
 
 
-def synthetic_samples(n: int, height: int, width: int, frames: int, fps: int, seed: int) -> Iterator[dict]:
-    """Moving-shapes clips as webdataset samples with captions and metadata."""
-    for i, (clip, video) in enumerate(make_clips(n, height, width, frames, seed)):
+def synthetic_samples(n: int, height: int, width: int, frames: int, fps: int, seed: int, split: Split = "train",
+                      second_object: float = 0.0, texture: float = 0.0) -> Iterator[dict]:
+    """Moving-shapes clips as webdataset samples with captions and metadata (the clip's truth under "truth")."""
+    for i, (clip, video) in enumerate(make_clips(n, height, width, frames, seed, split, second_object, texture)):
         meta = {"frames": frames, "fps": fps, "width": width, "height": height,
                 "duration": frames / fps, "source": "synthetic", "truth": asdict(clip)}
         yield {"__key__": f"{i:08d}", "mp4": encode_mp4(video, fps), "txt": clip.caption, "json": meta}
