@@ -73,3 +73,11 @@ def test_the_checker_says_what_is_wrong(heldout):
     backwards = check_clip(video, "a red square moving right")
     assert not backwards.passed and backwards.scores["count"] == 1 and backwards.scores["motion"] < 1
     assert check_clip(video, "a red square moving left").passed
+
+
+def test_the_checker_passes_the_harder_sets():
+    """Two objects (each phrase of the caption checked) and textured backgrounds."""
+    clips = list(make_clips(60, 48, 48, 9, seed=1, split="heldout", second_object=1.0, texture=0.5))
+    assert sum(len(c.objects) == 2 for c, _ in clips) >= 25 and sum(c.texture >= 0 for c, _ in clips) >= 20
+    failures = [(c.caption, r.reasons) for c, v in clips if not (r := check_clip(_mp4(v), c.caption)).passed]
+    assert not failures, failures
