@@ -39,13 +39,18 @@ def root(tmp_path_factory):
 def test_tensorboard_shows_what_people_watch(root):
     run = root / "watched"
     launch(REPO / "configs/demo.yaml", _overrides(root, run.name, "train.steps=6", "train.log_every=3",
-                                                  "train.preview_every=3", "train.ema_decay=0.9"), 2, root)
+                                                  "train.preview_every=3", "train.ema_decay=0.9",
+                                                  f"data.eval_shards={root / 'latents'}", "train.eval_every=3",
+                                                  "train.eval_batches=1"), 2, root)
     per_bin = {name: read_scalars(run, f"train/samples_by_sigma/{name}") for name in sigma_bin_names()}
     seen = json.loads((run / "checkpoints/step00000006" / STATE_NAME).read_text())["samples_seen"]
     assert sum(sum(counts.values()) for counts in per_bin.values()) == seen          # every sample in one bin
     for step in (3, 6):
         losses = [read_scalars(run, f"train/loss_by_sigma/{n}").get(step) for n in sigma_bin_names()]
         assert sum(v is not None for v in losses) >= 2 and all(v > 0 and math.isfinite(v) for v in losses if v)
+    for sigma in load_config(run / CONFIG_NAME).train.eval_sigmas:     # held-out loss at fixed noise levels
+        at_sigma = read_scalars(run, f"eval/loss_at_sigma/{sigma:g}")
+        assert sorted(at_sigma) == [3, 6] and all(v > 0 and math.isfinite(v) for v in at_sigma.values()), sigma
     wait = read_scalars(run, "perf/data_wait_frac")
     assert sorted(wait) == [3, 6] and all(0 <= v <= 1 for v in wait.values())
     for phase in ("data", "forward_backward", "optimizer"):

@@ -1,4 +1,4 @@
-"""vidiff train | check | sample | cache-latents | shards | presets. A bad config exits with status 2 before any
+"""vidiff train | check | sample | eval | cache-latents | shards | presets. A bad config exits with status 2 before any
 process group starts."""
 
 from __future__ import annotations
@@ -115,24 +115,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from vidiff.data.video import contact_sheet, encode_mp4
     from vidiff.device import rank_device
     from vidiff.diffusion.cascade import generate
-    from vidiff.diffusion.edm import Precond
-    from vidiff.models.dit import DiT
-    from vidiff.models.text import TextEncoder
     from vidiff.models.vae import latent_shape
-    from vidiff.train.checkpoint import latest_tag, load_export, load_vae
+    from vidiff.train.checkpoint import latest_tag
+    from vidiff.train.objectives import load_denoiser
 
     run_dir = Path(args.run or cfg.out_dir)
-    run_cfg, weights = load_export(run_dir, prefer_ema=True)
-    if run_cfg.task != "dit":
-        print(f"vidiff: {run_dir} is a {run_cfg.task!r} run; sample needs a DiT run", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
     torch.set_grad_enabled(False)
-    device = rank_device()
-    vae = load_vae(run_cfg.vae.checkpoint).to(device)
-    text = TextEncoder(run_cfg.text).to(device)
-    model = Precond(DiT(run_cfg.model, vae.cfg.latent_channels, text.dim), run_cfg.edm.sigma_data)
-    model.load_state_dict(weights)
-    model.to(device).eval()
+    run_cfg, model, text, vae = load_denoiser(run_dir, rank_device())
 
     frames, height, width = run_cfg.data.video_shape
     shape = latent_shape(frames, height, width, vae.cfg.latent_channels)
@@ -142,12 +131,36 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run_dir / "samples" / latest_tag(run_dir).name
     out.mkdir(parents=True, exist_ok=True)
     clips = [to_uint8(v) for v in videos]
+    verdicts = [""] * len(clips)
+    if args.check:
+        from vidiff.eval.shapes import check_clip
+
+        results = [check_clip(clip, prompt) for prompt, clip in zip(prompts, clips)]
+        verdicts = ["  check: pass" if r.passed else "  check: FAIL (" + "; ".join(r.reasons[:2]) + ")"
+                    for r in results]
     for i, (prompt, clip) in enumerate(zip(prompts, clips)):
         path = out / f"{i:03d}_{'_'.join(prompt.split())[:60]}.mp4"
         encode_mp4(clip, cfg.sample.fps, path)
-        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[2]}x{clip.shape[1]})")
+        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[2]}x{clip.shape[1]}){verdicts[i]}")
+    if args.check:
+        passed = sum(r.passed for r in results)
+        print(f"checker pass rate: {passed}/{len(results)} ({100 * passed / len(results):.0f}%)")
     contact_sheet(clips, out / "contact_sheet.png")
     print(f"wrote {out / 'contact_sheet.png'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """The moving-shapes quality figures of a DiT run trained on synthetic clips, as one JSON line."""
+    import json
+
+    from vidiff.device import rank_device
+    from vidiff.eval.quality import evaluate, sampler_settings
+    from vidiff.train.checkpoint import load_export
+
+    run_cfg, _ = load_export(args.run)
+    sample = sampler_settings(run_cfg.sample, args.steps, args.guidance)
+    result = evaluate(args.run, sample, args.per_combo, args.seed, rank_device(), args.out)
+    print(json.dumps({"run": str(args.run), **result}))
 
 
 def cmd_cache_latents(args: argparse.Namespace) -> None:
@@ -257,7 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="the DiT run folder (default: the config's out_dir)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); default: sample.prompts")
     p.add_argument("--out", help="output folder (default: RUN/samples/<tag>)")
+    p.add_argument("--check", action="store_true",
+                   help="score each sample with the moving-shapes checker (vidiff/eval/shapes.py); prompts must "
+                        "name a colour, shape and direction")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="sample a synthetic-shapes DiT run on held-out prompts and score it (JSON)")
+    p.add_argument("run", help="the DiT run folder")
+    p.add_argument("--prompts", choices=("held-out",), default="held-out",
+                   help="held-out: every (colour, shape, direction), seen and unseen in training")
+    p.add_argument("--per-combo", type=positive_int, default=2, help="prompts per combination (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="the held-out clips' seed")
+    p.add_argument("--steps", type=positive_int, help="Heun steps (default: the run's sample.steps)")
+    p.add_argument("--guidance", type=float, help="guidance weight (default: the run's sample.guidance)")
+    p.add_argument("--out", type=Path, help="write grid.png (real | generated) and checks.jsonl here")
+    p.set_defaults(func=cmd_eval)
 
     p = with_config(sub.add_parser("cache-latents", help="encode a DiT config's shards into latent shards"))
     p.add_argument("--out", required=True, help="folder for latents-<shard>.tar and index.json")

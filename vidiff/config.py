@@ -187,6 +187,8 @@ class TrainConfig(_Section):
     keep_every: int = Field(0, ge=0)          # ... plus every step that is a multiple of keep_every (0: none)
     eval_every: int = Field(0, ge=0)          # held-out metrics and previews every n steps (0: never)
     eval_batches: int = Field(2, ge=1)
+    # DiT runs: eval/loss_at_sigma/<s> at these noise levels on the held-out batches (fixed noise per clip)
+    eval_sigmas: list[float] = [0.05, 0.2, 0.5, 1.0, 2.0, 5.0]
     # runs/<name>/ledger/rank<r>.jsonl: the sample keys each rank consumed at each step (tools/ledger_check.py)
     ledger: bool = False
     # A step whose loss or gradient norm is not finite is skipped (no optimizer step) and counted; after this

@@ -20,27 +20,33 @@ Decode = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def sample_base(denoise: Denoiser, encode_text: TextEncode, prompt: str, latent_shape: tuple[int, ...],
-                sample: SampleConfig, edm: EDMConfig, generator: torch.Generator) -> torch.Tensor:
-    """One prompt -> latent (1, C, T', h, w) by EDM Heun sampling with classifier-free guidance, on the text
-    encoder's device; the noise is drawn on the CPU, so a seed gives the same start on any device."""
-    text, mask = encode_text([prompt])
-    null_text, null_mask = encode_text([""])
+def sample_base(denoise: Denoiser, encode_text: TextEncode, prompts: list[str], seeds: list[int],
+                latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig) -> torch.Tensor:
+    """Prompts -> latents (B, C, T', h, w) by EDM Heun sampling with classifier-free guidance, as one batch on
+    the text encoder's device. Each prompt's noise comes from its own seed, drawn on the CPU: a (prompt, seed)
+    gives the same start on any device and in any batch, and two prompts with one seed share their noise."""
+    text, mask = encode_text(prompts)
+    null_text, null_mask = encode_text([""] * len(prompts))
     denoise_cfg = guided(denoise, {"text": text, "text_mask": mask},
                          {"text": null_text, "text_mask": null_mask}, sample.guidance)
     sigmas = karras_sigmas(sample.steps, edm.sigma_min, edm.sigma_max, edm.rho)
-    x = (torch.randn((1, *latent_shape), generator=generator) * sigmas[0].float()).to(text.device)
+    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    generator = torch.Generator().manual_seed(seeds[0])                      # the churn's draws (S_churn > 0)
+    x = (noise * sigmas[0].float()).to(text.device)
     return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=sample.S_churn)
 
 
 @torch.no_grad()
 def generate(denoise: Denoiser, encode_text: TextEncode, decode: Decode, prompts: list[str],
-             latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig,
-             show_progress: bool = True) -> list[torch.Tensor]:
-    """Prompts -> videos (3, T, H, W) in [-1, 1], reproducible from sample.seed."""
-    generator = torch.Generator().manual_seed(sample.seed)
+             latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig, seeds: list[int] | None = None,
+             batch: int = 8, show_progress: bool = True) -> list[torch.Tensor]:
+    """Prompts -> videos (3, T, H, W) in [-1, 1]; prompt i's noise comes from seeds[i] (default sample.seed + i),
+    sampled batch prompts at a time."""
+    seeds = seeds if seeds is not None else [sample.seed + i for i in range(len(prompts))]
     videos = []
-    for prompt in progress(prompts, desc="sample", unit="clip", disable=not show_progress):
-        latent = sample_base(denoise, encode_text, prompt, latent_shape, sample, edm, generator)
-        videos.append(decode(latent)[0].clamp(-1, 1))
+    starts = range(0, len(prompts), batch)
+    for i in progress(starts, desc="sample", unit="batch", disable=not show_progress or len(starts) == 1):
+        latent = sample_base(denoise, encode_text, prompts[i:i + batch], seeds[i:i + batch], latent_shape, sample,
+                             edm)
+        videos += list(decode(latent).clamp(-1, 1))
     return videos

@@ -11,6 +11,7 @@ on the CPU and moved to the batch's device, so a seed gives the same draw on any
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -139,6 +140,19 @@ def build_denoiser(cfg: RunConfig, latent_channels: int, text_dim: int) -> nn.Mo
     return Precond(net, cfg.edm.sigma_data)
 
 
+def load_denoiser(run_dir: str | Path, device: torch.device | str = "cpu"
+                  ) -> tuple[RunConfig, nn.Module, TextEncoder, VideoVAE]:
+    """A finished DiT run's config, its denoiser (EMA weights where kept), text encoder and VAE, for sampling."""
+    run_cfg, weights = checkpoint.load_export(run_dir, prefer_ema=True)
+    if run_cfg.task != "dit":
+        raise checkpoint.CheckpointError(f"{run_dir} is a {run_cfg.task!r} run; sampling needs a DiT run")
+    vae = checkpoint.load_vae(run_cfg.vae.checkpoint).to(device)
+    text = TextEncoder(run_cfg.text).to(device)
+    model = build_denoiser(run_cfg, vae.cfg.latent_channels, text.dim)
+    model.load_state_dict(weights)
+    return run_cfg, model.to(device).eval().requires_grad_(False), text, vae
+
+
 class DiTObjective:
     """EDM loss on latents of the frozen VAE, conditioned on text (the loader drops captions for guidance). The
     frozen VAE and text encoder run on the training device."""
@@ -187,8 +201,21 @@ class DiTObjective:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    @torch.no_grad()
     def evaluate(self, engine, batches):
-        return {}, None
+        """eval/loss_at_sigma/<s>: the weighted EDM loss of the held-out batches at each train.eval_sigmas level,
+        with noise fixed by each clip's position (the same draws at every evaluation), captions kept."""
+        totals = dict.fromkeys(self.cfg.train.eval_sigmas, 0.0)
+        count = 0
+        for b, batch in enumerate(batches):
+            d = self.diffusion_inputs(batch, [self.cfg.seed + 10_000 * b + i for i in range(len(batch["caption"]))])
+            for s in totals:
+                sigma = torch.full_like(d["sigma"], s)
+                loss = edm_loss(engine, d["x0"], sigma, d["noise"], self.cfg.edm.sigma_data, text=d["text"],
+                                text_mask=d["text_mask"])
+                totals[s] += float(loss.sum())
+            count += len(d["sigma"])
+        return {f"eval/loss_at_sigma/{s:g}": total / count for s, total in totals.items()}, None
 
     @torch.no_grad()
     def preview(self, engine) -> np.ndarray:

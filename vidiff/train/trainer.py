@@ -116,7 +116,7 @@ def held_out_batches(cfg: RunConfig, device: torch.device) -> list[dict]:
                                            "caption_dropout": 0.0, "num_workers": 0, "image_fraction": 0.0,
                                            "augment": []})
     loader = ShardLoader(eval_cfg, rank=0, world_size=1, seed=cfg.seed, batch_size=cfg.parallel.micro_batch)
-    return [{**b, "video": to_model_input(b["video"], device)} for b in islice(loader, cfg.train.eval_batches)]
+    return [_prepare(b, device) for b in islice(loader, cfg.train.eval_batches)]
 
 
 def sample_seeds(seed: int, step: int, position: int, n: int) -> list[int]:
@@ -220,6 +220,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     ledger.start_segment(step)
     monitor.start_at(step)
     eval_batches = held_out_batches(cfg, engine.device)
+    if eval_batches and layout.kind == "pipeline":
+        eval_batches = []
+        monitor.message("note: train.eval_every: held-out evaluation runs through the sharded layout's engine; the "
+                        "pipeline layout gets none (evaluate the exported weights with vidiff eval)")
     peak = 0.0
     if cfg.task == "dit":                           # perf/mfu: the DiT's FLOPs are counted (models/dit.py)
         peak, peak_source = peak_tflops(cfg.parallel.precision, cfg.parallel.peak_tflops)
