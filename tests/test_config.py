@@ -60,7 +60,9 @@ def test_dit_run_needs_a_vae(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/vae/demo.yaml"])
+@pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/vae/demo.yaml", "configs/demo/vae.yaml",
+                                  "configs/demo/dit.yaml", "configs/bench/shapes_vae.yaml",
+                                  "configs/bench/shapes_cpu.yaml", "configs/vae/cpu_small.yaml"])
 def test_shipped_configs_are_valid(name):
     load_config(REPO / name)
 

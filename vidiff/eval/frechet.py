@@ -133,7 +133,8 @@ def load_clipnet(cfg: ClipNetConfig = ClipNetConfig()) -> ClipNet:
     net = train_clipnet(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata={"config": json.dumps(asdict(cfg))})
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
+              metadata={"config": json.dumps(asdict(cfg))})
     os.replace(tmp, path)
     return net
 
