@@ -96,19 +96,21 @@ def test_tiles_without_blending_fail_the_check(monkeypatch):
 
 
 _PEAK_RSS = """
-import resource, sys, torch
+import sys, torch
 from vidiff.config import VAEConfig
+from vidiff.device import resident_kib
 from vidiff.models.vae import VideoVAE
 frames, chunk = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
 vae = VideoVAE(VAEConfig(latent_channels=8, base_channels=32, chunk_frames=chunk)).eval()
 vae.encode(torch.zeros(1, 3, frames, 256, 256))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(resident_kib()["VmHWM"])
 """
 
 
 def _peak_rss_kib(frames: int, chunk: int) -> int:
-    """Peak RSS of encoding a clip. glibc's malloc raises its mmap threshold as large blocks are freed and then
+    """Peak RSS of encoding a clip, from the child's own VmHWM: getrusage's ru_maxrss keeps the forking parent's
+    peak across exec (a pytest process grown past 1.2 GB made all three figures equal). glibc's malloc raises its mmap threshold as large blocks are freed and then
     keeps freed chunk tensors in its heap, so without a fixed threshold peak RSS also counts memory the process
     holds for reuse, and grows with the number of chunks (measured: 1.2-1.4x for 4x the chunks, 1.07x with it)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}

@@ -99,7 +99,7 @@ def train_clipnet(cfg: ClipNetConfig) -> ClipNet:
     """Train from scratch on cfg.clips synthetic training clips; the same config gives the same weights."""
     pairs = list(make_clips(cfg.clips, cfg.height, cfg.width, cfg.frames, seed=cfg.seed, split="train"))
     x, y = to_input([v for _, v in pairs]), _labels([c for c, _ in pairs])
-    with _deterministic():
+    with _deterministic(), torch.enable_grad():             # also when called under no_grad (vidiff eval)
         torch.manual_seed(cfg.seed)
         net = ClipNet(cfg)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -76,13 +76,13 @@ def sampler_settings(sample: SampleConfig, steps: int | None = None, guidance: f
     return sample.model_copy(update={k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
 
 
+@torch.no_grad()
 def evaluate(run_dir: str | Path, sample: SampleConfig | None = None, per_combo: int = 2, seed: int = 0,
              device: torch.device | str = "cpu", out: Path | None = None, clipnet: ClipNetConfig | None = None
              ) -> dict:
     """The figures above for one DiT run; sample: the sampler settings (default: the run's); clipnet: the FD's
     feature network (default: ClipNetConfig at the run's clip size)."""
     start = time.monotonic()
-    torch.set_grad_enabled(False)
     run_cfg, model, text, vae = load_denoiser(run_dir, device)
     sample = sample or run_cfg.sample
     frames, height, width = run_cfg.data.video_shape
