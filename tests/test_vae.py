@@ -110,9 +110,10 @@ print(resident_kib()["VmHWM"])
 
 def _peak_rss_kib(frames: int, chunk: int) -> int:
     """Peak RSS of encoding a clip, from the child's own VmHWM: getrusage's ru_maxrss keeps the forking parent's
-    peak across exec (a pytest process grown past 1.2 GB made all three figures equal). glibc's malloc raises its mmap threshold as large blocks are freed and then
-    keeps freed chunk tensors in its heap, so without a fixed threshold peak RSS also counts memory the process
-    holds for reuse, and grows with the number of chunks (measured: 1.2-1.4x for 4x the chunks, 1.07x with it)."""
+    peak across exec (a pytest process grown past 1.2 GB made all three figures equal). glibc's malloc raises its
+    mmap threshold as large blocks are freed and then keeps freed chunk tensors in its heap, so without a fixed
+    threshold peak RSS also counts memory the process holds for reuse, and grows with the number of chunks
+    (measured: 1.2-1.4x for 4x the chunks, 1.07x with it)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(frames), str(chunk)], capture_output=True,
                          text=True, check=True, cwd=REPO, timeout=300, env=env)
