@@ -154,12 +154,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from vidiff.device import rank_device
-    from vidiff.eval.quality import evaluate, sampler_settings
-    from vidiff.train.checkpoint import load_export
+    from vidiff.eval.quality import evaluate
 
-    run_cfg, _ = load_export(args.run)
-    sample = sampler_settings(run_cfg.sample, args.steps, args.guidance)
-    result = evaluate(args.run, sample, args.per_combo, args.seed, rank_device(), args.out)
+    result = evaluate(args.run, args.steps, args.guidance, args.per_combo, args.seed, rank_device(), args.out)
     print(json.dumps({"run": str(args.run), **result}))
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vidiff.data.pipeline import to_model_input
 from vidiff.data.synthetic import COLORS, DIRECTIONS, SHAPES, make_clips
 
 HEADS = {"color": list(COLORS), "shape": list(SHAPES), "motion": list(DIRECTIONS)}
@@ -76,8 +77,7 @@ class ClipNet(nn.Module):
 
 def to_input(videos: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     """uint8 clips (N, T, H, W, 3) -> float (N, 3, T, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(videos))).float()
-    return (x / 127.5 - 1).permute(0, 4, 1, 2, 3)
+    return to_model_input(torch.from_numpy(np.ascontiguousarray(np.stack(videos))))
 
 
 def _labels(clips) -> dict[str, torch.Tensor]:

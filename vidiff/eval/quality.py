@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidiff.config import SampleConfig
-from vidiff.data.pipeline import to_uint8
-from vidiff.data.synthetic import COLORS, DIRECTIONS, SEEN_COMBOS, ShapeClip, combo_clips, heldout_clips
+from vidiff.data.pipeline import to_model_input, to_uint8
+from vidiff.data.synthetic import COLORS, DIRECTIONS, SEEN_COMBOS, TEMPLATES, ShapeClip, combo_clips, heldout_clips
 from vidiff.data.video import decode_clip, encode_mp4
 from vidiff.diffusion.cascade import generate
 from vidiff.eval.frechet import ClipNetConfig, accuracy, clip_features, frechet_distance, load_clipnet
@@ -59,7 +58,7 @@ def swap_prompt(clip: ShapeClip) -> str:
     options = [c for c in SEEN_COMBOS if c[1] == obj.shape and c[0] != obj.color and c[2] != obj.direction]
     color, shape, direction = options[(list(COLORS).index(obj.color) + list(DIRECTIONS).index(obj.direction))
                                       % len(options)]
-    return f"a {color} {shape} moving {direction}"
+    return TEMPLATES[0].format(color=color, shape=shape, direction=direction)
 
 
 @torch.no_grad()
@@ -67,24 +66,21 @@ def vae_roundtrip(vae: VideoVAE, videos: list[np.ndarray], batch: int = 16) -> l
     device = next(vae.parameters()).device
     out = []
     for i in range(0, len(videos), batch):
-        x = torch.from_numpy(np.stack(videos[i:i + batch])).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        x = to_model_input(torch.from_numpy(np.stack(videos[i:i + batch])), device)
         out += [to_uint8(v) for v in vae.decode(vae.encode(x)).float()]
     return out
 
 
-def sampler_settings(sample: SampleConfig, steps: int | None = None, guidance: float | None = None) -> SampleConfig:
-    return sample.model_copy(update={k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
-
-
 @torch.no_grad()
-def evaluate(run_dir: str | Path, sample: SampleConfig | None = None, per_combo: int = 2, seed: int = 0,
-             device: torch.device | str = "cpu", out: Path | None = None, clipnet: ClipNetConfig | None = None
-             ) -> dict:
-    """The figures above for one DiT run; sample: the sampler settings (default: the run's); clipnet: the FD's
-    feature network (default: ClipNetConfig at the run's clip size)."""
+def evaluate(run_dir: str | Path, steps: int | None = None, guidance: float | None = None, per_combo: int = 2,
+             seed: int = 0, device: torch.device | str = "cpu", out: Path | None = None,
+             clipnet: ClipNetConfig | None = None) -> dict:
+    """The figures above for one DiT run, sampled with the run's sample settings (steps and guidance replaced
+    where given); clipnet: the FD's feature network (default: ClipNetConfig at the run's clip size)."""
     start = time.monotonic()
     run_cfg, model, text, vae = load_denoiser(run_dir, device)
-    sample = sample or run_cfg.sample
+    sample = run_cfg.sample.model_copy(
+        update={k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
     frames, height, width = run_cfg.data.video_shape
     real = real_clips(frames, height, width, per_combo, seed)
     clips = [c for c, _ in real]
