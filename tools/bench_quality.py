@@ -56,11 +56,12 @@ def main() -> None:
         minutes["shards"] = _run(*vidiff, "shards", "--synthetic", str(TRAIN_CLIPS), "--out", str(root / "shards"),
                                  *size) + _run(*vidiff, "shards", "--synthetic", str(HELDOUT_CLIPS), "--split",
                                                "heldout", "--out", str(root / "heldout"), *size)
-        minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), "--no-resume", *overrides["vae"], env=launch_env)
-        latents = [*vidiff, "cache-latents", str(DIT_CONFIG), *overrides["dit"], "--text", "--windows", "1"]
-        minutes["latents"] = _run(*latents, f"data.shards={root / 'shards'}", "--out", str(root / "latents")) + \
-            _run(*latents, f"data.shards={root / 'heldout'}", "--out", str(root / "heldout-latents"))
-        minutes["dit"] = _run("launchers/local.sh", str(DIT_CONFIG), "--no-resume", *overrides["dit"], env=launch_env)
+        minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), *overrides["vae"], "--no-resume", env=launch_env)
+        latents = [*vidiff, "cache-latents", str(DIT_CONFIG), *overrides["dit"]]      # overrides before the flags
+        minutes["latents"] = sum(_run(*latents, f"data.shards={root / split}", "--text", "--windows", "1", "--out",
+                                      str(root / out)) for split, out in (("shards", "latents"),
+                                                                          ("heldout", "heldout-latents")))
+        minutes["dit"] = _run("launchers/local.sh", str(DIT_CONFIG), *overrides["dit"], "--no-resume", env=launch_env)
     start = time.monotonic()
     out = subprocess.run([*vidiff, "eval", str(root / "dit"), "--prompts", "held-out", "--out", str(root / "eval")],
                          cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
