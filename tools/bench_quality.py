@@ -30,11 +30,14 @@ TRAIN_CLIPS, HELDOUT_CLIPS = 4000, 192
 TARGETS = {"vae_ceiling": 0.95, "pass_rate_seen": 0.80, "fd_ratio": 3.0}
 
 
-def _run(*cmd: str, env: dict | None = None) -> float:
-    """Run a command from the repository root, its output streaming through; minutes taken."""
+def _run(*cmd: str, env: dict | None = None, capture: bool = False) -> float | tuple[float, str]:
+    """Run a command from the repository root; minutes taken. Its output streams through, or with capture its
+    standard output is returned as well: (minutes, stdout)."""
     start = time.monotonic()
-    subprocess.run(list(cmd), cwd=REPO, check=True, env={**os.environ, **(env or {})})
-    return (time.monotonic() - start) / 60
+    done = subprocess.run(list(cmd), cwd=REPO, check=True, env={**os.environ, **(env or {})}, text=True,
+                          stdout=subprocess.PIPE if capture else None)
+    minutes = (time.monotonic() - start) / 60
+    return (minutes, done.stdout) if capture else minutes
 
 
 def main() -> None:
@@ -62,10 +65,8 @@ def main() -> None:
                                       str(root / out)) for split, out in (("shards", "latents"),
                                                                           ("heldout", "heldout-latents")))
         minutes["dit"] = _run("launchers/local.sh", str(DIT_CONFIG), *overrides["dit"], "--no-resume", env=launch_env)
-    start = time.monotonic()
-    out = subprocess.run([*vidiff, "eval", str(root / "dit"), "--prompts", "held-out", "--out", str(root / "eval")],
-                         cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
-    minutes["eval"] = (time.monotonic() - start) / 60
+    minutes["eval"], out = _run(*vidiff, "eval", str(root / "dit"), "--prompts", "held-out", "--out",
+                                str(root / "eval"), capture=True)
     result = json.loads(out.strip().splitlines()[-1])
     figures = {"vae_ceiling": result["vae_ceiling"], "pass_rate_seen": result["seen"]["pass_rate"],
                "fd_ratio": result["fd_ratio"]}
