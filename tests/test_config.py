@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, run_vidiff
+from vidiff.cli import build_parser, parse_args
 from vidiff.config import ConfigError, load_config, parse_override
 
 
@@ -51,6 +52,23 @@ def test_overrides_are_typed_yaml():
     assert parse_override("sample.prompts=[a, b]") == (["sample", "prompts"], ["a", "b"])
     cfg = load_config(REPO / "configs/demo.yaml", ["model.depth=2", "train.lr=3e-4", "model.patch_size=[1,1,1]"])
     assert cfg.model.depth == 2 and cfg.train.lr == 3e-4 and cfg.model.patch_size == (1, 1, 1)
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "configs/demo.yaml", "train.steps=5", "--no-resume", "model.depth=2"],
+    ["check", "--world-size", "2", "configs/demo.yaml", "--no-resume", "train.steps=5", "model.depth=2"],
+    ["cache-latents", "configs/demo/dit.yaml", "--text", "train.steps=5", "--out", "x", "model.depth=2"],
+])
+def test_overrides_may_follow_the_flags(argv):
+    """`CONFIG --no-resume k=v` means what `CONFIG k=v --no-resume` means (argparse alone refused it, exit 2)."""
+    args = parse_args(build_parser(), argv)
+    assert sorted(args.overrides) == ["model.depth=2", "train.steps=5"]
+
+
+def test_a_stray_argument_is_still_refused():
+    result = run_vidiff("check", "configs/demo.yaml", "--no-resume", "stray", "train.steps=5")
+    assert result.returncode == 2 and "unrecognized arguments: stray" in result.stderr
+    assert "train.steps" not in result.stderr                       # the override was taken, not refused
 
 
 def test_dit_run_needs_a_vae(tmp_path):

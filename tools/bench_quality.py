@@ -60,7 +60,7 @@ def main() -> None:
                                  *size) + _run(*vidiff, "shards", "--synthetic", str(HELDOUT_CLIPS), "--split",
                                                "heldout", "--out", str(root / "heldout"), *size)
         minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), *overrides["vae"], "--no-resume", env=launch_env)
-        latents = [*vidiff, "cache-latents", str(DIT_CONFIG), *overrides["dit"]]      # overrides before the flags
+        latents = [*vidiff, "cache-latents", str(DIT_CONFIG), *overrides["dit"]]
         minutes["latents"] = sum(_run(*latents, f"data.shards={root / split}", "--text", "--windows", "1", "--out",
                                       str(root / out)) for split, out in (("shards", "latents"),
                                                                           ("heldout", "heldout-latents")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -319,8 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")      # a dotted override: key.path=value
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with dotted overrides allowed anywhere after the config (`CONFIG --no-resume k=v` as
+    well as `CONFIG k=v --no-resume`): argparse ends a positional list at the first flag, so the overrides it
+    leaves over join the rest; anything else left over is an error naming it."""
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [token for token in rest if OVERRIDE.match(token)]
+        rest = [token for token in rest if not OVERRIDE.match(token)]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         args.func(args)
     except InputError as exc:                       # bad shards, checkpoint or model files: one message
