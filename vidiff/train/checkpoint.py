@@ -24,6 +24,7 @@ from torch import nn
 
 from vidiff.config import InputError, RunConfig, load_config
 from vidiff.models.vae import VideoVAE
+from vidiff.train.preflight import CHECKPOINT_FOLDER   # the run folder's checkpoints/, which preflight probes
 
 STATE_NAME = "vidiff_state.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -145,7 +146,7 @@ def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None, keep_l
     the folder to disk, then rank 0 writes vidiff_state.json, the mark of a complete checkpoint, and moves
     `latest`. A save killed at any point leaves a tag without vidiff_state.json: never loaded, removed at the
     next start (`remove_incomplete`)."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINT_FOLDER
     tag = f"step{step:08d}"
     client_state = {}
     if engine.zero_optimization_stage() in (1, 2):   # how ds_to_universal merges ZeRO-1/2 state (ZeRO-3: not needed)
@@ -178,7 +179,7 @@ def is_complete(tag_dir: Path) -> bool:
 
 def tags(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders (complete or not), oldest step first."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINT_FOLDER
     return sorted((d for d in folder.glob("step*") if d.is_dir()), key=lambda d: d.name) if folder.is_dir() else []
 
 
@@ -186,7 +187,7 @@ def prune(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the last keep_last, except every keep_every-th step's and the one
     `latest` names; returns those deleted (rank 0 only)."""
     complete = [d for d in tags(run_dir) if is_complete(d)]
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    latest = Path(run_dir) / CHECKPOINT_FOLDER / "latest"
     protected = {latest.read_text().strip()} if latest.is_file() else set()
     doomed = [d for d in complete[:-keep_last] if d.name not in protected
               and not (keep_every and int(d.name.removeprefix("step")) % keep_every == 0)]
@@ -207,7 +208,7 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
 def set_aside(run_dir: Path) -> Path:
     """Move the run's checkpoints to checkpoints.set-aside-<time> (a start with --no-resume: nothing is lost, and
     retention and `latest` see only the new run's); returns the new folder (rank 0)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINT_FOLDER
     aside = folder.with_name(f"checkpoints.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.rename(aside)
     return aside
@@ -216,7 +217,7 @@ def set_aside(run_dir: Path) -> Path:
 def latest_tag(run_dir: Path) -> Path | None:
     """The tag folder `latest` names, or None. In a distributed run rank 0 reads it and broadcasts it (every
     rank must call), so all ranks agree on one tag."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    latest = Path(run_dir) / CHECKPOINT_FOLDER / "latest"
     tag = [latest.read_text().strip() if latest.is_file() else None] if _rank() == 0 else [None]
     if dist.is_initialized():
         dist.broadcast_object_list(tag, src=0)
