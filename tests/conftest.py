@@ -21,6 +21,22 @@ def run_vidiff(*args: str, cwd: Path | None = None, timeout: float = 600) -> sub
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def vidiff_processes(**environment: str) -> dict[int, dict[str, str]]:
+    """{pid: environment} of the running vidiff processes whose environment holds every given KEY=value (/proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            if all(env.get(key) == value for key, value in environment.items()) and \
+                    "vidiff" in (proc / "cmdline").read_text():
+                found[int(proc.name)] = env
+        except OSError:                             # gone, or not ours to read
+            continue
+    return found
+
+
 # launchers/local.sh picks MASTER_PORT in [29500, 30500): test runs stay out of that range, so a test never takes a
 # port that a user's run (or the launcher-picked port of another test) might be using.
 LAUNCHER_PORTS = range(29500, 30500)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, kill_after_checkpoint, launch, launcher
+from conftest import REPO, free_port, kill_after_checkpoint, launch, launcher, vidiff_processes
 from datasets import latent_samples, vae_run_folder
 from vidiff.data.shards import write_shards
 from vidiff.train.monitor import read_scalars
@@ -112,18 +112,9 @@ def test_an_unsupported_change_is_refused_before_any_rank_starts(reference):
 
 
 def _workers(run_id: str) -> dict[int, int]:
-    """torchelastic run `run_id`'s vidiff workers: {pid: local rank} (from /proc)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
-            if env.get("TORCHELASTIC_RUN_ID") == run_id and "vidiff" in (proc / "cmdline").read_text():
-                found[int(proc.name)] = int(env["LOCAL_RANK"])
-        except (OSError, KeyError, ValueError):
-            continue
-    return found
+    """torchelastic run `run_id`'s vidiff workers: {pid: local rank}."""
+    return {pid: int(env["LOCAL_RANK"]) for pid, env in vidiff_processes(TORCHELASTIC_RUN_ID=run_id).items()
+            if env.get("LOCAL_RANK", "").isdigit()}
 
 
 def test_a_rank_killed_under_the_elastic_launcher_restarts_the_group_which_resumes(reference):

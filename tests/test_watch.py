@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, latent_root, launch, launcher
+from conftest import REPO, latent_root, launch, launcher, vidiff_processes
 from vidiff.config import load_config
 from vidiff.train.checkpoint import CONFIG_NAME, STATE_NAME
 from vidiff.train.monitor import _event_files, read_images, read_scalars, sigma_bin_names
@@ -83,17 +83,7 @@ def test_the_pipeline_layout_counts_every_sample_by_sigma(root):
 
 
 def _rank_pid(port: int, rank: int) -> int | None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(i.split("=", 1) for i in (proc / "environ").read_text().split("\0") if "=" in i)
-            if env.get("MASTER_PORT") == str(port) and env.get("RANK") == str(rank) and \
-                    "vidiff" in (proc / "cmdline").read_text():
-                return int(proc.name)
-        except OSError:
-            continue
-    return None
+    return next(iter(vidiff_processes(MASTER_PORT=str(port), RANK=str(rank))), None)
 
 
 def _stopped_at_step_5(root, name: str, extra: list[str], processes, seconds: float) -> tuple[int, str]:
