@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 from vidiff.config import TextConfig
@@ -54,3 +55,23 @@ def test_a_folder_without_config_is_a_clear_error(tmp_path):
 def test_empty_captions_have_no_valid_token():
     tokens, mask = TextEncoder(TextConfig())(["a red square", "", "  "])
     assert mask[0].sum() > 2 and not mask[1:].any() and tokens[1:].abs().sum() == 0
+
+
+def test_text_layer_picks_the_hidden_state():
+    """-1 and 6 are MiniLM-L6's last layer; 0 its token embeddings, which set the word apart more: there
+    "left" and "right" lie at cosine ~0.5, after the last layer at ~0.8."""
+    captions = ["a red square moving left", "a red square moving right"]
+    last, mask = TextEncoder(TextConfig())(captions)
+    assert torch.equal(TextEncoder(TextConfig(layer=6))(captions)[0], last)
+    first, first_mask = TextEncoder(TextConfig(layer=0))(captions)
+    assert torch.equal(first_mask, mask) and not torch.allclose(first, last)
+    word = int(mask[0].sum()) - 2                                       # the direction's token, before [SEP]
+    cosine = {name: float(torch.cosine_similarity(t[0, word], t[1, word], dim=0)) for name, t in
+              (("last", last), ("first", first))}
+    assert cosine["first"] < cosine["last"] - 0.2, cosine
+
+
+@pytest.mark.parametrize("layer", [7, -8])
+def test_a_text_layer_out_of_range_is_a_clear_error(layer):
+    with pytest.raises(TextEncoderError, match=rf"text.layer {layer} is out of range .* 6 layers: use 0 .* to 6"):
+        TextEncoder(TextConfig(layer=layer))

