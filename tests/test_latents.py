@@ -50,6 +50,31 @@ def test_latent_shards_round_trip_and_resume(tmp_path):
                     batch_size=batch)
 
 
+def test_cached_text_embeddings_are_each_captions_own(tmp_path, monkeypatch):
+    """cache-latents --text encodes captions in batches (TEXT_BATCH): each sample's text.npy and mask.npy equal its
+    own caption encoded alone, at float16 precision, with batches that end mid-shard."""
+    from vidiff.data import latents
+    from vidiff.models.text import TextEncoder
+
+    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=9)
+    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
+                                                    "vae.checkpoint=unused", "data.caption_dropout=0"])
+    vae = VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+    text = TextEncoder(cfg.text)
+    monkeypatch.setattr(latents, "TEXT_BATCH", 4)              # 9 captions: batches of 4, 4 and 1
+    (written,) = cache_latents(cfg, tmp_path / "latents", vae, text)
+    with tarfile.open(written) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    keys = sorted({name.split(".", 1)[0] for name in members})
+    captions = [members[f"{key}.txt"].decode() for key in keys]
+    assert len(keys) == 9 and len(set(captions)) > 1
+    for key, caption in zip(keys, captions):
+        tokens, mask = text([caption])
+        cached = np.load(io.BytesIO(members[f"{key}.text.npy"]), allow_pickle=False)
+        assert np.array_equal(np.load(io.BytesIO(members[f"{key}.mask.npy"]), allow_pickle=False), mask[0].numpy())
+        torch.testing.assert_close(torch.from_numpy(cached).float(), tokens[0], atol=1e-2, rtol=1e-2)
+
+
 def test_clips_are_cached_at_several_windows_and_the_loader_picks_one_per_epoch(tmp_path):
     """A 13-frame clip in a 9-frame bucket has 5 possible starts: cache-latents encodes frame 0 and seeded starts
     (each window equals encoding the clip from that frame); with data.random_start the loader's choice changes

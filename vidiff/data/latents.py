@@ -28,6 +28,8 @@ from vidiff.data.pipeline import ShardLoader, sample_stride, to_model_input, uni
 from vidiff.data.video import ClipError
 from vidiff.progress import progress
 
+TEXT_BATCH = 64                                     # captions per text encoder call
+
 
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -66,28 +68,33 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
         if target.is_file():                        # finished by an earlier run
             continue
         tmp = target.with_name(f".{target.name}.tmp")
+        samples = []
+        for sample_id, bucket in sorted(by_shard[shard], key=lambda e: e[0]):
+            ref = loader.samples[sample_id]
+            stride = sample_stride(data_cfg, ref.meta)
+            spare = 0 if bucket.is_image else ref.meta["frames"] - frames_needed(bucket, stride)
+            starts = window_starts(spare, windows, loader.seed, shard.name, ref.key)
+            try:
+                clips = [reader.load(ref, bucket, epoch=0, start=start) for start in starts]
+            except ClipError as exc:
+                loader.skipped[exc.reason] += 1
+                continue
+            latent = torch.cat([vae.encode(to_model_input(torch.from_numpy(clip)[None], device))
+                                for clip in clips]).cpu()                     # (W, z, T', h, w)
+            caption = reader.caption(ref)
+            sample = {"__key__": ref.key, "latent.npy": npy_bytes(latent.half().numpy()), "txt": caption,
+                      "json": {"frames": bucket.frames, "height": bucket.height, "width": bucket.width,
+                               "fps": ref.meta.get("fps", 0), "windows": starts,
+                               "source": f"{shard.name}:{ref.key}"}}
+            samples.append(sample)
+        if text_encoder is not None:                # in batches: caption by caption it cost as much as the VAE
+            for i in range(0, len(samples), TEXT_BATCH):
+                batch = samples[i:i + TEXT_BATCH]
+                tokens, mask = text_encoder([sample["txt"] for sample in batch])    # (b, L, Dt), (b, L)
+                for sample, sample_tokens, sample_mask in zip(batch, tokens.half().cpu().numpy(), mask.cpu().numpy()):
+                    sample["text.npy"], sample["mask.npy"] = npy_bytes(sample_tokens), npy_bytes(sample_mask)
         with wds.TarWriter(str(tmp)) as sink:
-            for sample_id, bucket in sorted(by_shard[shard], key=lambda e: e[0]):
-                ref = loader.samples[sample_id]
-                stride = sample_stride(data_cfg, ref.meta)
-                spare = 0 if bucket.is_image else ref.meta["frames"] - frames_needed(bucket, stride)
-                starts = window_starts(spare, windows, loader.seed, shard.name, ref.key)
-                try:
-                    clips = [reader.load(ref, bucket, epoch=0, start=start) for start in starts]
-                except ClipError as exc:
-                    loader.skipped[exc.reason] += 1
-                    continue
-                latent = torch.cat([vae.encode(to_model_input(torch.from_numpy(clip)[None], device))
-                                    for clip in clips]).cpu()                     # (W, z, T', h, w)
-                caption = reader.caption(ref)
-                sample = {"__key__": ref.key, "latent.npy": npy_bytes(latent.half().numpy()), "txt": caption,
-                          "json": {"frames": bucket.frames, "height": bucket.height, "width": bucket.width,
-                                   "fps": ref.meta.get("fps", 0), "windows": starts,
-                                   "source": f"{shard.name}:{ref.key}"}}
-                if text_encoder is not None:
-                    tokens, mask = text_encoder([caption])
-                    sample["text.npy"] = npy_bytes(tokens[0].half().cpu().numpy())
-                    sample["mask.npy"] = npy_bytes(mask[0].cpu().numpy())
+            for sample in samples:
                 sink.write(sample)
         tmp.replace(target)
         written.append(target)
