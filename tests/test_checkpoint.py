@@ -77,10 +77,10 @@ def test_resume_never_runs_code_pickled_into_a_checkpoint(tmp_path, weights_only
     ("{checkpoint: {writer: {type: fast}}}", "deepspeed.checkpoint.writer"),
     ("{datastates_ckpt: {}}", "deepspeed.datastates_ckpt"),
 ])
-def test_an_asynchronous_checkpoint_writer_is_refused_before_launch(passthrough, key):
+def test_an_asynchronous_checkpoint_writer_is_refused_before_launch(passthrough, key, tmp_path):
     result = run_vidiff("check", "--world-size", "2", str(REPO / "configs/demo.yaml"), f"deepspeed={passthrough}")
     assert result.returncode == 2
     assert key in result.stderr and "does not wait" in result.stderr
-    allowed = run_vidiff("check", str(REPO / "configs/demo.yaml"),
-                         "deepspeed={datastates_ckpt: false, checkpoint: {tag_validation: FAIL}}")
+    allowed = run_vidiff("check", str(REPO / "configs/demo.yaml"), f"out_dir={tmp_path / 'run'}",   # not runs/demo's
+                         "deepspeed={datastates_ckpt: false, checkpoint: {tag_validation: FAIL}}")  # checkpoints
     assert allowed.returncode == 0, allowed.stderr
