@@ -209,7 +209,7 @@ def set_aside(run_dir: Path) -> Path:
     """Move the run's checkpoints to checkpoints.set-aside-<time> (a start with --no-resume: nothing is lost, and
     retention and `latest` see only the new run's); returns the new folder (rank 0)."""
     folder = Path(run_dir) / CHECKPOINT_FOLDER
-    aside = folder.with_name(f"checkpoints.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = folder.with_name(f"{CHECKPOINT_FOLDER}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.rename(aside)
     return aside
 
