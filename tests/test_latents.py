@@ -18,12 +18,18 @@ from vidiff.data.shards import ShardError, write_index
 from vidiff.models.vae import VideoVAE
 
 
-def test_latent_shards_round_trip_and_resume(tmp_path):
-    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=3)
+def _clips_and_vae(tmp_path, max_count: int):
+    """9 video clips (9 and 13 frames) in shards of max_count, a config reading them in a 9x32x32 bucket, and a
+    small random VAE (seed 0)."""
+    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=max_count)
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
                                                     "vae.checkpoint=unused", "data.caption_dropout=0"])
     torch.manual_seed(0)
-    vae = VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+    return cfg, VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+
+
+def test_latent_shards_round_trip_and_resume(tmp_path):
+    cfg, vae = _clips_and_vae(tmp_path, max_count=3)
     out = tmp_path / "latents"
     written = cache_latents(cfg, out, vae)
     assert len(written) == 3                                   # one latent shard per input shard
@@ -56,10 +62,7 @@ def test_cached_text_embeddings_are_each_captions_own(tmp_path, monkeypatch):
     from vidiff.data import latents
     from vidiff.models.text import TextEncoder
 
-    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=9)
-    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
-                                                    "vae.checkpoint=unused", "data.caption_dropout=0"])
-    vae = VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+    cfg, vae = _clips_and_vae(tmp_path, max_count=9)
     text = TextEncoder(cfg.text)
     monkeypatch.setattr(latents, "TEXT_BATCH", 4)              # 9 captions: batches of 4, 4 and 1
     (written,) = cache_latents(cfg, tmp_path / "latents", vae, text)
@@ -79,11 +82,7 @@ def test_clips_are_cached_at_several_windows_and_the_loader_picks_one_per_epoch(
     """A 13-frame clip in a 9-frame bucket has 5 possible starts: cache-latents encodes frame 0 and seeded starts
     (each window equals encoding the clip from that frame); with data.random_start the loader's choice changes
     across epochs, without it the loader always gives the frame-0 window."""
-    shards = write_mixed(tmp_path / "clips", n_video=9, n_image=0, max_count=3)      # 9- and 13-frame clips
-    cfg = load_config(REPO / "configs/demo.yaml", [f"data.shards={shards}", "data.buckets=[[9,32,32]]",
-                                                    "vae.checkpoint=unused", "data.caption_dropout=0"])
-    torch.manual_seed(0)
-    vae = VideoVAE(cfg.vae.model_copy(update={"latent_channels": 4, "base_channels": 8})).eval()
+    cfg, vae = _clips_and_vae(tmp_path, max_count=3)
     out = tmp_path / "latents"
     cache_latents(cfg, out, vae, windows=4)
     index = json.loads(write_index(out).read_text())
