@@ -104,7 +104,7 @@ def test_temporal_attention_never_mixes_locations():
 
 def test_rope_scores_depend_only_on_relative_position():
     T, H, W, d = 5, 6, 9, 16
-    rope = rope_3d(T, H, W, d).reshape(1, 1, -1, d // 2)                          # complex rotations
+    rope = rope_3d(T, H, W, d).reshape(1, 1, -1, d // 2, 2)                       # (cos, sin) rotations
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(d, generator=g), torch.randn(d, generator=g)
     rq = apply_rope(q.expand(1, 1, T * H * W, d), rope)[0, 0].reshape(T, H, W, d)
@@ -173,6 +173,39 @@ def test_activation_checkpointing_gives_the_same_gradients():
         (net(x, torch.zeros(2), *text) - x).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiled_blocks_give_the_same_output_and_gradients():
+    """parallel.compile: each block compiled in place (names unchanged) matches eager to fp32 noise, and is
+    really compiled (dynamo traced a graph for it)."""
+    from torch._dynamo.utils import counters
+
+    x, text = torch.randn(2, 4, 3, 8, 8), _text()
+    outputs, grads = [], []
+    for compiled in (False, True):
+        net = randomize(_dit())
+        names = [name for name, _ in net.named_parameters()]
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            net.compile_blocks()
+            assert [name for name, _ in net.named_parameters()] == names
+        out = net(x, torch.zeros(2), *text)
+        (out - x).pow(2).mean().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_is_refused_where_it_does_not_help():
+    with pytest.raises(ConfigError, match="compile with ZeRO stage 3"):
+        load_config(REPO / "configs/demo.yaml", ["parallel.compile=true", "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match="compile with pipeline 2"):
+        load_config(REPO / "configs/demo.yaml", ["parallel.compile=true", "parallel.pipeline=2"])
+    with pytest.raises(ConfigError, match="task 'vae' has none"):
+        load_config(REPO / "configs/vae/cpu_small.yaml", ["parallel.compile=true", "parallel.zero_stage=2"])
 
 
 def test_presets_follow_the_dit_paper_and_conflicts_fail(tmp_path):

@@ -13,7 +13,8 @@ from torch import nn
 
 from vidiff.models.init import xavier_uniform_
 
-# Unit complex rotations e^(i angle), complex (..., N, head_dim / 2), broadcastable over (B, heads, N, d/2).
+# Rotations by angle as (cos, sin) pairs, real (..., N, head_dim / 2, 2), broadcastable over (B, heads, N, d/2, 2):
+# real rather than complex so that torch.compile generates code for them (it has none for complex operators).
 Rope = torch.Tensor
 
 
@@ -33,19 +34,21 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> to
 
 
 def rope_3d(T: int, H: int, W: int, head_dim: int, device: torch.device | None = None) -> Rope:
-    """Rotations e^(i angle) of every (t, h, w) token of a T x H x W grid, complex (T, H * W, head_dim / 2):
+    """Rotations (cos, sin) of every (t, h, w) token of a T x H x W grid, (T, H * W, head_dim / 2, 2):
     computed per call for any grid, so new frame counts and resolutions need no new tables."""
     d_t, d_h, d_w = rope_axes(head_dim)
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     angles = torch.cat([rope_angles(t.flatten(), d_t), rope_angles(h.flatten(), d_h),
                         rope_angles(w.flatten(), d_w)], dim=1).reshape(T, H * W, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles).to(device)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate consecutive pairs of x (B, heads, N, d), read as complex numbers, by rope (.., N, d/2)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, heads, N, d/2)
-    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
+    """Rotate consecutive pairs (x0, x1) of x (B, heads, N, d), read as complex numbers x0 + i x1, by rope
+    (.., N, d/2, 2): the complex product (x0 + i x1)(cos + i sin) in real arithmetic."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                  # each (B, heads, N, d/2)
+    cos, sin = rope.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -84,7 +87,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: Rope | None = None) -> torch.Tensor:
         """x (B, N, D); context (B, L, Dc) for cross attention; mask (B, L) True where context is valid;
-        rope: rotations of x's token positions for self-attention, complex (B or 1, 1, N, d/2)."""
+        rope: rotations of x's token positions for self-attention, (B or 1, 1, N, d/2, 2)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", d=self.head_dim)
         k = rearrange(self.k(context), "b l (h d) -> b h l d", d=self.head_dim)

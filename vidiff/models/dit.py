@@ -55,15 +55,15 @@ FULL = ("b t n d -> b (t n) d", "b (t n) d -> b t n d")           # all tokens (
 
 
 def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int, device) -> tuple[Rope, Rope]:
-    """RoPE rotations laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2)
-    and (B*N or 1, 1, T or T*N, d/2). Each token keeps its true (t, h, w) coordinates in every layout."""
-    rope = rope_3d(T, H, W, head_dim, device)                               # (T, N, d/2) complex
+    """RoPE rotations laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2, 2)
+    and (B*N or 1, 1, T or T*N, d/2, 2). Each token keeps its true (t, h, w) coordinates in every layout."""
+    rope = rope_3d(T, H, W, head_dim, device)                               # (T, N, d/2, 2)
     if full:
         flat = rope.flatten(0, 1)[None, None]
         return flat, flat
-    per_batch = rope[None].expand(batch, -1, -1, -1)
-    return (rearrange(per_batch, "b t n d -> (b t) n d")[:, None],
-            rearrange(per_batch, "b t n d -> (b n) t d")[:, None])
+    per_batch = rope[None].expand(batch, -1, -1, -1, -1)
+    return (rearrange(per_batch, "b t n d two -> (b t) n d two")[:, None],
+            rearrange(per_batch, "b t n d two -> (b n) t d two")[:, None])
 
 
 def block_ropes(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, device) -> tuple[Rope, Rope]:
@@ -187,6 +187,12 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full, cfg.zero_init)
                                      for _ in range(cfg.depth)])
         self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size), cfg.zero_init)
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (parameter names unchanged): regional compilation, in which the
+        blocks share one compiled graph, so compile time does not grow with depth."""
+        for block in self.blocks:
+            block.compile()
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor) -> torch.Tensor:

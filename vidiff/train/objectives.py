@@ -163,7 +163,10 @@ class DiTObjective:
         self.vae = checkpoint.load_vae(cfg.vae.checkpoint).to(self.device)
 
     def build_model(self) -> nn.Module:
-        return build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
+        model = build_denoiser(self.cfg, self.vae.cfg.latent_channels, self.text.dim)
+        if self.cfg.parallel.compile:
+            model.net.compile_blocks()
+        return model
 
     def flops_per_token(self, grid: tuple[int, int, int]) -> float:
         """Training FLOPs per latent token of the DiT on a (T', H', W') token grid (perf/mfu)."""
