@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_vidiff
 from datasets import write_mixed
-from vidiff.config import load_config
+from vidiff.config import load_config, save_config
 from vidiff.data.latents import cache_latents
 from vidiff.data.pipeline import ShardLoader, to_model_input
 from vidiff.data.shards import ShardError, write_index
@@ -76,6 +76,28 @@ def test_cached_text_embeddings_are_each_captions_own(tmp_path, monkeypatch):
         cached = np.load(io.BytesIO(members[f"{key}.text.npy"]), allow_pickle=False)
         assert np.array_equal(np.load(io.BytesIO(members[f"{key}.mask.npy"]), allow_pickle=False), mask[0].numpy())
         torch.testing.assert_close(torch.from_numpy(cached).float(), tokens[0], atol=1e-2, rtol=1e-2)
+
+
+def test_cached_text_settings_are_checked_before_launch(tmp_path):
+    """cache-latents --text records text.* beside the shards: a DiT run whose text.layer differs is refused by
+    `vidiff check` (exit 2, naming both values) and caching into the folder with other settings is refused; the
+    same settings pass."""
+    from vidiff.data.latents import CachedTextError
+    from vidiff.models.text import TextEncoder
+
+    cfg, vae = _clips_and_vae(tmp_path, max_count=9)
+    out = tmp_path / "latents"
+    cache_latents(cfg, out, vae, TextEncoder(cfg.text))
+    write_index(out)
+    config = tmp_path / "dit.yaml"
+    save_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": str(out)}),
+                                       "out_dir": str(tmp_path / "run")}), config)
+    same = run_vidiff("check", str(config), "--world-size", "1")
+    assert same.returncode == 0, same.stderr
+    other = run_vidiff("check", str(config), "--world-size", "1", "text.layer=0")
+    assert other.returncode == 2 and "text.layer -1 there, 0 here" in other.stderr, other.stderr
+    with pytest.raises(CachedTextError, match="text.layer -1 there, 0 here"):
+        cache_latents(load_config(config, ["text.layer=0"]), out, vae, TextEncoder(cfg.text))
 
 
 def test_clips_are_cached_at_several_windows_and_the_loader_picks_one_per_epoch(tmp_path):

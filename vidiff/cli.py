@@ -33,7 +33,9 @@ def _load(args: argparse.Namespace) -> RunConfig:
 def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
     """The run's parallel layout on `world` ranks, its DeepSpeed config built once to check the `deepspeed:`
     passthrough, and the checkpoint it would resume from, checked against that layout (a topology change vidiff
-    cannot convert); what cannot run exits 2 with the reason."""
+    cannot convert); token embeddings cached with other text.* settings are refused; what cannot run exits 2 with
+    the reason."""
+    from vidiff.data.latents import check_cached_text
     from vidiff.parallel.deepspeed import deepspeed_config
     from vidiff.parallel.layout import make_layout
 
@@ -41,9 +43,12 @@ def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
         layout = make_layout(cfg, world)
         deepspeed_config(cfg, layout)
         _check_resume(cfg, layout, resume)
+        for shards in (cfg.data.shards, cfg.data.eval_shards) if cfg.task == "dit" else ():
+            if shards:
+                check_cached_text(shards, cfg.text)
         return layout
     except ConfigError as exc:
-        print(f"vidiff: bad parallel layout in {config}\n{exc}", file=sys.stderr)
+        print(f"vidiff: {config} cannot run as configured\n{exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
 
 

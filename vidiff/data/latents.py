@@ -16,19 +16,55 @@ first otherwise. A clip with no spare frames has one window.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from vidiff.config import RunConfig
+from vidiff.config import ConfigError, RunConfig, TextConfig
 from vidiff.data.buckets import frames_needed
 from vidiff.data.pipeline import ShardLoader, sample_stride, to_model_input, unit_hash
 from vidiff.data.video import ClipError
 from vidiff.progress import progress
 
 TEXT_BATCH = 64                                     # captions per text encoder call
+TEXT_RECORD = "text_encoder.json"                   # beside latent shards with text: the text.* settings used
+
+
+class CachedTextError(ConfigError):
+    """Token embeddings cached with other text settings than the run's."""
+
+
+def text_record(text: TextConfig) -> dict:
+    """The text settings that decide cached token embeddings."""
+    return {"encoder": text.encoder, "layer": text.layer, "max_tokens": text.max_tokens}
+
+
+def check_cached_text(shards: str, text: TextConfig) -> None:
+    """Latent shards whose token embeddings were cached with other text.* settings than `text` raise
+    CachedTextError naming both; a folder without a record (pixel shards, latents without text, or cached before
+    the record existed) passes."""
+    path = Path(shards) / TEXT_RECORD
+    if not path.is_file():
+        return
+    cached, wanted = json.loads(path.read_text()), text_record(text)
+    if cached != wanted:
+        differ = ", ".join(f"text.{k} {cached.get(k)!r} there, {v!r} here" for k, v in wanted.items()
+                           if cached.get(k) != v)
+        raise CachedTextError(f"data.shards {shards}: its token embeddings were cached with other text settings "
+                              f"({differ}); cache them again with this config (vidiff cache-latents CONFIG --text "
+                              f"--out NEW_FOLDER) or set the run's text.* to match")
+
+
+def _write_text_record(out: Path, text: TextConfig) -> None:
+    """Record the text settings of this cache (atomically), unless it holds shards of an unrecorded earlier one."""
+    if not (out / TEXT_RECORD).is_file() and any(out.glob("latents-*.tar")):
+        return
+    tmp = out / f".{TEXT_RECORD}.tmp"
+    tmp.write_text(json.dumps(text_record(text)))
+    tmp.replace(out / TEXT_RECORD)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -47,11 +83,15 @@ def window_starts(spare: int, windows: int, seed: int, shard: str, key: str) -> 
 def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank: int = 0,
                   world_size: int = 1, windows: int = 4) -> list[Path]:
     """Encode this rank's share of cfg.data.shards into OUT/latents-<shard>.tar, up to `windows` windows per clip;
-    returns the shards written."""
+    returns the shards written. With a text encoder, OUT/text_encoder.json records cfg.text (check_cached_text)."""
     if windows < 1:
         raise ValueError(f"windows must be at least 1, got {windows}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if text_encoder is not None:
+        check_cached_text(str(out), cfg.text)       # every rank: shards finished with other settings stay out
+        if rank == 0:
+            _write_text_record(out, cfg.text)
     device = next(vae.parameters()).device
     data_cfg = cfg.data.model_copy(update={"random_start": False, "caption_dropout": 0.0, "num_workers": 0,
                                          "augment": []})
