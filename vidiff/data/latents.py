@@ -42,10 +42,10 @@ def text_record(text: TextConfig) -> dict:
     return {"encoder": text.encoder, "layer": text.layer, "max_tokens": text.max_tokens}
 
 
-def check_cached_text(shards: str, text: TextConfig) -> None:
+def check_cached_text(shards: str, text: TextConfig, name: str = "data.shards") -> None:
     """Latent shards whose token embeddings were cached with other text.* settings than `text` raise
-    CachedTextError naming both; a folder without a record (pixel shards, latents without text, or cached before
-    the record existed) passes."""
+    CachedTextError naming both (and the folder as `name`: data.shards, data.eval_shards, --out); a folder without
+    a record (pixel shards, latents without text, or cached before the record existed) passes."""
     path = Path(shards) / TEXT_RECORD
     if not path.is_file():
         return
@@ -53,7 +53,7 @@ def check_cached_text(shards: str, text: TextConfig) -> None:
     if cached != wanted:
         differ = ", ".join(f"text.{k} {cached.get(k)!r} there, {v!r} here" for k, v in wanted.items()
                            if cached.get(k) != v)
-        raise CachedTextError(f"data.shards {shards}: its token embeddings were cached with other text settings "
+        raise CachedTextError(f"{name} {shards}: its token embeddings were cached with other text settings "
                               f"({differ}); cache them again with this config (vidiff cache-latents CONFIG --text "
                               f"--out NEW_FOLDER) or set the run's text.* to match")
 
@@ -89,7 +89,7 @@ def cache_latents(cfg: RunConfig, out: str | Path, vae, text_encoder=None, rank:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if text_encoder is not None:
-        check_cached_text(str(out), cfg.text)       # every rank: shards finished with other settings stay out
+        check_cached_text(str(out), cfg.text, "--out")   # every rank: shards finished with other settings stay out
         if rank == 0:
             _write_text_record(out, cfg.text)
     device = next(vae.parameters()).device
