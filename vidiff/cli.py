@@ -43,9 +43,9 @@ def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
         layout = make_layout(cfg, world)
         deepspeed_config(cfg, layout)
         _check_resume(cfg, layout, resume)
-        for name in ("shards", "eval_shards") if cfg.task == "dit" else ():
-            if getattr(cfg.data, name):
-                check_cached_text(getattr(cfg.data, name), cfg.text, f"data.{name}")
+        for key, shards in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
+            if shards and cfg.task == "dit":
+                check_cached_text(shards, cfg.text, key)
         return layout
     except ConfigError as exc:
         print(f"vidiff: {config} cannot run as configured\n{exc}", file=sys.stderr)
