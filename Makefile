@@ -9,6 +9,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# The demo's tiny cascade: configs/cascade/{base,tsr,ssr}.yaml on the demo's shards and VAE, briefly.
+DEMO_CASCADE := data.shards=runs/demo/shards vae.checkpoint=runs/demo/vae train.steps=200 train.checkpoint_every=200 \
+	model.hidden_size=96 model.depth=2 parallel.compile=false
 
 .PHONY: setup demo test test-fast test-browser clean-demo
 
@@ -27,7 +30,8 @@ endif
 setup: $(STAMP)
 
 # The whole path on synthetic moving shapes in about 10 minutes on 2 CPU cores: shards, the VAE, latents, the DiT,
-# then one mp4 per prompt with the ground-truth checker's verdict beside it (vidiff/eval/shapes.py).
+# then one mp4 per prompt with the ground-truth checker's verdict beside it (vidiff/eval/shapes.py); then a tiny
+# cascade (base -> temporal -> spatial super-resolution) trained briefly and sampled, each stage's output kept.
 demo: setup clean-demo
 	$(BIN)/vidiff shards --synthetic 1000 --height 48 --width 48 --out runs/demo/shards --max-count 250
 	launchers/local.sh configs/demo/vae.yaml
@@ -35,8 +39,13 @@ demo: setup clean-demo
 		--text --windows 1
 	launchers/local.sh configs/demo/dit.yaml
 	$(BIN)/vidiff sample configs/demo/dit.yaml --check
+	for stage in base tsr ssr; do \
+		launchers/local.sh configs/cascade/$$stage.yaml out_dir=runs/demo/cascade/$$stage $(DEMO_CASCADE) || exit 1; \
+	done
+	$(BIN)/vidiff sample --cascade configs/demo/cascade.yaml --check
 	@echo
 	@echo "samples:     runs/demo/dit/samples/ (one mp4 per prompt, contact_sheet.png)"
+	@echo "cascade:     runs/demo/cascade/samples/ (final mp4s, each stage's mp4/GIF/frames, *_stages.gif)"
 	@echo "tensorboard: $(BIN)/tensorboard --logdir runs/demo"
 
 clean-demo:

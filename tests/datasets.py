@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -17,7 +18,8 @@ from vidiff.data.latents import npy_bytes
 from vidiff.data.shards import write_shards
 from vidiff.data.synthetic import make_clips
 from vidiff.data.video import encode_mp4
-from vidiff.models.vae import VideoVAE
+from vidiff.models.vae import VideoVAE, block_pca
+from vidiff.train.objectives import build_denoiser
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -59,14 +61,34 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def vae_run_folder(folder: Path) -> None:
-    """A VAE run folder as the trainer exports one (untrained: the DiT here reads latent shards)."""
-    cfg = RunConfig(task="vae", out_dir=str(folder), vae=VAEConfig(latent_channels=4, base_channels=8))
+def _export(folder: Path, cfg: RunConfig, module: torch.nn.Module) -> None:
+    """A run folder as the trainer exports one: config.yaml and checkpoints/<tag>/model.safetensors."""
     tag = folder / "checkpoints/step00000001"
     tag.mkdir(parents=True)
     save_config(cfg, folder / "config.yaml")
-    save_file({k: v.contiguous() for k, v in VideoVAE(cfg.vae).state_dict().items()}, str(tag / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tag / "model.safetensors"))
     (folder / "checkpoints/latest").write_text(tag.name)
+
+
+def vae_run_folder(folder: Path, videos: list[torch.Tensor] | None = None) -> None:
+    """A VAE run folder (4 latent channels): untrained (the DiT here reads latent shards), or with videos
+    ((B, 3, T, H, W) in [-1, 1]) its linear path the PCA of their blocks, so it reconstructs clips like them."""
+    cfg = RunConfig(task="vae", out_dir=str(folder), vae=VAEConfig(latent_channels=4, base_channels=8))
+    pca = block_pca(videos, cfg.vae.latent_channels) if videos else None
+    _export(folder, cfg, VideoVAE(cfg.vae, pca))
+
+
+def dit_run_folder(folder: Path, vae: Path, stage: str, buckets: list[tuple[int, int, int]], seed: int = 0,
+                   **cascade) -> RunConfig:
+    """An untrained tiny DiT run of a cascade stage, from open gates (every output depends on every input), as
+    the trainer exports one."""
+    cfg = RunConfig(out_dir=str(folder), stage=stage, seed=seed, vae={"checkpoint": str(vae)},
+                    data={"buckets": buckets}, text={"max_tokens": 8}, edm={"sigma_data": 1.0}, cascade=cascade,
+                    model={"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": (1, 1, 1),
+                           "zero_init": False})
+    torch.manual_seed(seed)
+    _export(folder, cfg, build_denoiser(cfg, 4, 384))
+    return cfg
 
 
 def latent_samples(n: int, shapes=((9, 32, 32),)) -> Iterator[dict]:

@@ -223,18 +223,20 @@ def test_presets_follow_the_dit_paper_and_conflicts_fail(tmp_path):
     assert bad.returncode == 2 and "--text-dim: must be a positive integer, got -5" in bad.stderr
 
 
-def _counted_training_flops(cfg: DiTConfig, latent: tuple[int, int, int], batch: int = 2) -> float:
+def _counted_training_flops(cfg: DiTConfig, latent: tuple[int, int, int], batch: int = 2,
+                            cond_channels: int = 0) -> float:
     """FLOPs of one forward + backward as torch's FlopCounterMode counts them (on the meta device: shapes only;
     attention through the math backend, whose matmuls the counter sees on any device)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        net = DiT(cfg, 16, 384)
+        net = DiT(cfg, 16, 384, cond_channels=cond_channels)
         x, text = torch.randn(batch, 16, *latent), torch.randn(batch, 32, 384)
         mask = torch.ones(batch, 32, dtype=torch.bool)
+        cond = {"cond": torch.randn(batch, cond_channels, *latent), "aug": torch.zeros(batch)} if cond_channels else {}
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(batch), text, mask).float().pow(2).mean().backward()
+            net(x, torch.zeros(batch), text, mask, **cond).float().pow(2).mean().backward()
     return counter.get_total_flops()
 
 
@@ -253,3 +255,16 @@ def test_training_flops_per_token_match_the_flop_counter(preset, attention, late
     old = 6.0 * describe_presets(16, 384)[preset] + 12.0 * cfg.hidden_size * cfg.depth * (
         (2 * math.prod(grid) if attention == "full" else grid[1] * grid[2] + grid[0]) + 33)
     assert tokens * old > 1.1 * counted
+
+
+def test_training_flops_per_token_count_a_cascade_stages_condition():
+    """A cascade stage's condition channels widen the patch embedding and its augmentation level has an embedding
+    of its own: both run, so both are counted, and what they add is what the counter sees them add (measured:
+    equal; not counting them would miss all of it)."""
+    cfg = DiTConfig(hidden_size=64, depth=1, num_heads=2, patch_size=(1, 1, 1))
+    latent, grid = (3, 4, 4), (3, 4, 4)
+    added = _counted_training_flops(cfg, latent, cond_channels=17) - _counted_training_flops(cfg, latent)
+    tokens = 2 * math.prod(grid)
+    ours = tokens * (training_flops_per_token(cfg, grid, 32, 16, 384, cond_channels=17)
+                     - training_flops_per_token(cfg, grid, 32, 16, 384))
+    assert added > 0 and ours == pytest.approx(added, rel=0.02)

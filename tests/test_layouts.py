@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import REPO, kill_after_checkpoint, launcher, shm_workspaces
 from datasets import latent_samples, vae_run_folder
 from vidiff.config import load_config
-from vidiff.data.shards import write_shards
+from vidiff.data.shards import synthetic_samples, write_shards
 from vidiff.train.monitor import read_scalars
 from vidiff.train.objectives import build_denoiser
 from vidiff.train.trainer import seed_everything
@@ -135,6 +135,28 @@ def test_layout_with_buckets_and_images_trains_like_a_single_process(single_proc
     state = json.loads((root / name / f"checkpoints/step{STEPS:08d}/vidiff_state.json").read_text())
     cursors = state["data"]["cursors"]
     assert cursors["image"] != [0, 0] and cursors["video"] != [0, 0]        # both streams were trained on
+
+
+# A cascade stage on a layout that splits its condition's path: the base stage with image-to-video and the ssr stage
+# (condition channels into the patch embedding on pipeline stage 0, the augmentation level's embedding into c) over
+# pipeline x tensor, the tsr stage over ZeRO-3 x AutoTP. Each trains on pixel clips, its condition made on the fly.
+CASCADE_STAGES = {               # name: (layout, overrides)
+    "base-i2v": ("pipeline-pp2-tp2", ["stage=base", "cascade.image_prob=0.5"]),
+    "tsr": ("zero3-dp2-tp2", ["stage=tsr"]),
+    "ssr": ("pipeline-pp2-tp2", ["stage=ssr", "cascade.ssr_condition=pixels"]),
+}
+
+
+@pytest.mark.parametrize("stage", CASCADE_STAGES)
+def test_each_cascade_stage_trains_on_a_layout_like_a_single_process(layouts_dir, stage):
+    layout, stage_overrides = CASCADE_STAGES[stage]
+    ranks, layout_overrides = LAYOUTS[layout]
+    if not (layouts_dir / "pixels").is_dir():
+        write_shards(synthetic_samples(24, 32, 32, 9, 8, seed=0), layouts_dir / "pixels", max_count=8)
+    common = [f"data.shards={layouts_dir / 'pixels'}", *stage_overrides]
+    _train(layouts_dir, f"{stage}-single", 1, common)
+    _train(layouts_dir, f"{stage}-{layout}", ranks, [*common, *layout_overrides])
+    _assert_trains_like(layouts_dir / f"{stage}-{layout}", layouts_dir / f"{stage}-single")
 
 
 def test_pipeline_layout_resumes_exactly(single_process):

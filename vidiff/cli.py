@@ -33,9 +33,9 @@ def _load(args: argparse.Namespace) -> RunConfig:
 def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
     """The run's parallel layout on `world` ranks, its DeepSpeed config built once to check the `deepspeed:`
     passthrough, and the checkpoint it would resume from, checked against that layout (a topology change vidiff
-    cannot convert); token embeddings cached with other text.* settings are refused; what cannot run exits 2 with
-    the reason."""
-    from vidiff.data.latents import check_cached_text
+    cannot convert); token embeddings cached with other text.* settings, and latent shards for a super-resolution
+    stage, are refused; what cannot run exits 2 with the reason."""
+    from vidiff.data.latents import check_cached_text, check_stage_shards
     from vidiff.parallel.deepspeed import deepspeed_config
     from vidiff.parallel.layout import make_layout
 
@@ -46,6 +46,7 @@ def _layout(cfg: RunConfig, world: int, config: str, resume: str | None = None):
         for key, shards in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
             if shards and cfg.task == "dit":
                 check_cached_text(shards, cfg.text, key)
+                check_stage_shards(shards, cfg.stage, key)
         return layout
     except ConfigError as exc:
         print(f"vidiff: {config} cannot run as configured\n{exc}", file=sys.stderr)
@@ -114,45 +115,43 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    cfg = _load(args)
+    """One DiT run (CONFIG), or a cascade of stage runs (--cascade FILE); prompts spread over the ranks of a
+    launcher. The work is in vidiff/sampling.py."""
+    if args.cascade and args.config and OVERRIDE.match(args.config):   # `--cascade F k=v`: no run config
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if bool(args.config) == bool(args.cascade):
+        print("vidiff sample: give a run config (CONFIG) or --cascade FILE, not both", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    if args.image and not args.cascade:
+        print("vidiff sample: --image goes with --cascade (the base stage takes the first frame)", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    if args.cascade:
+        from vidiff.config import CascadeSampleConfig
+
+        try:
+            cascade = load_config(args.cascade, args.overrides, CascadeSampleConfig)
+        except ConfigError as exc:
+            print(f"vidiff: bad config\n{exc}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+        if args.image and not Path(args.image).is_file():
+            print(f"vidiff sample: --image {args.image} does not exist", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+    else:
+        cfg = _load(args)
     import torch
 
-    from vidiff.data.pipeline import to_uint8
-    from vidiff.data.video import contact_sheet, encode_mp4
+    from vidiff import sampling
     from vidiff.device import rank_device
-    from vidiff.diffusion.cascade import generate
-    from vidiff.models.vae import latent_shape
-    from vidiff.train.checkpoint import latest_tag
-    from vidiff.train.objectives import load_denoiser
 
-    run_dir = Path(args.run or cfg.out_dir)
     torch.set_grad_enabled(False)
-    run_cfg, model, text, vae = load_denoiser(run_dir, rank_device())
-
-    frames, height, width = run_cfg.data.video_shape
-    shape = latent_shape(frames, height, width, vae.cfg.latent_channels)
-    prompts = args.prompt or cfg.sample.prompts
-    videos = generate(model, text, vae.decode, prompts, shape, cfg.sample, run_cfg.edm)
-
-    out = Path(args.out) if args.out else run_dir / "samples" / latest_tag(run_dir).name
-    out.mkdir(parents=True, exist_ok=True)
-    clips = [to_uint8(v) for v in videos]
-    verdicts = [""] * len(clips)
-    if args.check:
-        from vidiff.eval.shapes import check_clip
-
-        results = [check_clip(clip, prompt) for prompt, clip in zip(prompts, clips)]
-        verdicts = ["  check: pass" if r.passed else "  check: FAIL (" + "; ".join(r.reasons[:2]) + ")"
-                    for r in results]
-    for i, (prompt, clip) in enumerate(zip(prompts, clips)):
-        path = out / f"{i:03d}_{'_'.join(prompt.split())[:60]}.mp4"
-        encode_mp4(clip, cfg.sample.fps, path)
-        print(f"wrote {path}  ({len(clip)} frames, {clip.shape[2]}x{clip.shape[1]}){verdicts[i]}")
-    if args.check:
-        passed = sum(r.passed for r in results)
-        print(f"checker pass rate: {passed}/{len(results)} ({100 * passed / len(results):.0f}%)")
-    contact_sheet(clips, out / "contact_sheet.png")
-    print(f"wrote {out / 'contact_sheet.png'}")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(args.out) if args.out else None
+    if args.cascade:
+        sampling.sample_cascade(cascade, args.prompt or cascade.prompts, out or Path(cascade.out),
+                                Path(args.image) if args.image else None, args.check, rank_device(), rank, world)
+    else:
+        sampling.sample_run(cfg, Path(args.run or cfg.out_dir), args.prompt or cfg.sample.prompts, out, args.check,
+                            rank_device(), rank, world)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -269,10 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="preflight on every rank: collective, versions, run folder, shards, disk (under a launcher)"))
     p.set_defaults(func=cmd_doctor)
 
-    p = with_config(sub.add_parser("sample", help="sample videos from a DiT run's latest checkpoint"))
+    p = sub.add_parser("sample", help="sample videos from a DiT run's latest checkpoint, or from a cascade of stage "
+                                      "runs (--cascade)")
+    p.add_argument("config", nargs="?", help="run config YAML (not with --cascade)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the run config or of the --cascade file")
+    p.add_argument("--cascade", metavar="FILE",
+                   help="cascade sampling config (configs/cascade/sample.yaml): base -> tsr -> ssr stage runs with "
+                        "their steps, guidance and augmentation level")
+    p.add_argument("--image", metavar="PATH", help="--cascade: the first frame (image-to-video; the base stage must "
+                                                   "be trained with cascade.image_prob > 0)")
     p.add_argument("--run", help="the DiT run folder (default: the config's out_dir)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); default: sample.prompts")
-    p.add_argument("--out", help="output folder (default: RUN/samples/<tag>)")
+    p.add_argument("--out", help="output folder (default: RUN/samples/<tag>, or the --cascade file's out)")
     p.add_argument("--check", action="store_true",
                    help="score each sample with the moving-shapes checker (vidiff/eval/shapes.py); prompts must "
                         "name a colour, shape and direction")

@@ -268,9 +268,30 @@ class SampleConfig(_Section):
     seed: int = 0
 
 
+class CascadeConfig(_Section):
+    """The cascade's stages (RunConfig.stage). A super-resolution stage's condition is made on the fly from each
+    training clip (frames dropped, or the frames downsampled) and encoded by the run's VAE, so one shard set of
+    pixel clips trains all three stages; the stage's bucket is its output size."""
+    frame_factor: int = Field(2, ge=1)        # tsr: the condition keeps every frame_factor-th frame
+    spatial_factor: int = Field(2, ge=1)      # ssr: the condition is the clip downsampled this much in H and W
+    # tsr/ssr: training noise-augments the condition at a level drawn uniformly from [0, aug_max] and embeds the
+    # level next to c_noise (cascaded diffusion, Ho et al. 2022); sampling fixes it per stage
+    aug_max: float = Field(0.5, ge=0.0)
+    # base: the share of training samples conditioned on their first frame (image-to-video); the rest are
+    # text-to-video, so one model does both (0: no image condition)
+    image_prob: float = Field(0.0, ge=0.0, le=1.0)
+    # ssr: upsample the low-resolution latent (latent), or decode it, upsample the pixels bicubically and
+    # re-encode them with the VAE (pixels)
+    ssr_condition: Literal["latent", "pixels"] = "pixels"
+
+
 class RunConfig(_Section):
     name: str = "run"
     task: Literal["vae", "dit"] = "dit"       # which network this run trains
+    # DiT runs: the cascade stage this model is: base (text-to-video, optionally image-to-video), tsr (temporal
+    # super-resolution: more frames) or ssr (spatial super-resolution); see `cascade`
+    stage: Literal["base", "tsr", "ssr"] = "base"
+    cascade: CascadeConfig = CascadeConfig()
     out_dir: str = "runs/run"                 # checkpoints/, tb/, samples/ and config.yaml land here
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -296,9 +317,68 @@ class RunConfig(_Section):
             raise ValueError("parallel.compile compiles the DiT's blocks; task 'vae' has none (set it false)")
         return self
 
+    @model_validator(mode="after")
+    def _stage_constraints(self) -> "RunConfig":
+        cascade, buckets = self.cascade, self.data.buckets
+        if self.stage != "base" and self.task != "dit":
+            raise ValueError(f"stage {self.stage!r} is a DiT stage; task {self.task!r} trains the VAE (use stage: "
+                             "base)")
+        if cascade.image_prob > 0 and self.stage != "base":
+            raise ValueError(f"cascade.image_prob {cascade.image_prob}: image-to-video is a base-stage condition; "
+                             f"stage {self.stage!r} is conditioned on the previous stage's clip (set it 0)")
+        if self.stage != "base" and self.train.preview_every:
+            raise ValueError(f"train.preview_every {self.train.preview_every}: previews sample from text alone, "
+                             f"which stage {self.stage!r} cannot (set it 0; sample the cascade with vidiff sample "
+                             "--cascade)")
+        if self.stage == "tsr":
+            factor = cascade.frame_factor
+            if factor < 2:
+                raise ValueError(f"stage 'tsr' with cascade.frame_factor {factor}: the condition must have fewer "
+                                 "frames than the output (2 or more)")
+            for frames, height, width in buckets:
+                if frames == 1 or (frames - 1) % (4 * factor):
+                    valid = ", ".join(str(1 + 4 * factor * k) for k in (1, 2, 3))
+                    raise ValueError(f"stage 'tsr': bucket {(frames, height, width)} keeps every {factor}-th frame, "
+                                     "which must leave 1 + 4k frames for the VAE: frames must be "
+                                     f"1 + {4 * factor}k with k >= 1 ({valid}, ...)")
+        if self.stage == "ssr":
+            factor = cascade.spatial_factor
+            if factor < 2:
+                raise ValueError(f"stage 'ssr' with cascade.spatial_factor {factor}: the condition must be smaller "
+                                 "than the output (2 or more)")
+            for frames, height, width in buckets:
+                if height % (8 * factor) or width % (8 * factor):
+                    raise ValueError(f"stage 'ssr': bucket {(frames, height, width)} downsampled {factor}x must "
+                                     f"stay a multiple of 8 (the VAE's factor): height and width must be multiples "
+                                     f"of {8 * factor}")
+        return self
+
     def digest(self) -> str:
         """Short hash of the resolved config, stored with each checkpoint."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class StageSampleConfig(_Section):
+    run: str                                  # the stage's DiT run folder (its latest export; EMA weights if kept)
+    steps: int = Field(18, ge=1)              # Heun steps
+    guidance: float = Field(1.0, ge=0.0)      # classifier-free guidance weight; 1 = plain conditional
+    aug_sigma: float = Field(0.0, ge=0.0)     # tsr/ssr: the condition's noise level, within the run's aug_max
+
+
+class CascadeSampleConfig(_Section):
+    """`vidiff sample --cascade FILE`: base -> tsr -> ssr -> VAE decode; tsr and ssr are optional."""
+    prompts: list[str] = ["a red square moving right"]
+    seed: int = 0                             # prompt i samples from seed + i at every stage
+    S_churn: float = Field(0.0, ge=0.0)
+    fps: int = Field(8, ge=1)                 # the last stage's frame rate (tsr's condition has 1/frame_factor)
+    out: str = "runs/cascade/samples"
+    base: StageSampleConfig
+    tsr: StageSampleConfig | None = None
+    ssr: StageSampleConfig | None = None
+
+    def stages(self) -> list[tuple[str, StageSampleConfig]]:
+        """(stage name, its settings) in the order they run."""
+        return [(name, stage) for name in ("base", "tsr", "ssr") if (stage := getattr(self, name)) is not None]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -327,23 +407,26 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The field names allowed at the section named by loc (all but its last element)."""
     for part in loc[:-1]:
         annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        sections = [a for a in (annotation, *getattr(annotation, "__args__", ()))   # X, or X | None
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not sections:
             return []
-        model = annotation
+        model = sections[0]
     return sorted(model.model_fields)
 
 
-def _explain(error: dict, source: str) -> str:
+def _explain(error: dict, source: str, model: type[BaseModel] = RunConfig) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{source}: unknown key {key!r}; valid keys here: {', '.join(_valid_keys(RunConfig, loc))}"
+        return f"{source}: unknown key {key!r}; valid keys here: {', '.join(_valid_keys(model, loc))}"
     got = "" if error["type"] == "value_error" else f" (got {error.get('input')!r})"
     return f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}{got}"
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides, validate; raises ConfigError naming the bad key."""
+def load_config(path: str | Path, overrides: list[str] = (), model: type[BaseModel] = RunConfig):
+    """Read a YAML config (a run's, or another `model`), apply dotted overrides, validate; raises ConfigError
+    naming the bad key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -361,9 +444,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"{path}: {exc}") from None
     source = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
+        raise ConfigError("\n".join(_explain(e, source, model) for e in exc.errors())) from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

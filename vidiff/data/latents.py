@@ -58,6 +58,16 @@ def check_cached_text(shards: str, text: TextConfig, name: str = "data.shards") 
                               f"--out NEW_FOLDER) or set the run's text.* to match")
 
 
+def check_stage_shards(shards: str, stage: str, name: str = "data.shards") -> None:
+    """A super-resolution stage makes its condition from pixel clips (diffusion/conditions.py): latent shards
+    (a folder cache-latents wrote) raise ConfigError naming the folder as `name`."""
+    folder = Path(shards)
+    if stage != "base" and folder.is_dir() and any(folder.glob("latents-*.tar")):
+        raise ConfigError(f"{name} {shards} holds cached latents, but stage {stage!r} makes its condition from "
+                          "pixel clips (frames dropped or downsampled, then encoded): train it on the pixel shards "
+                          "cache-latents read")
+
+
 def _write_text_record(out: Path, text: TextConfig) -> None:
     """Record the text settings of this cache (atomically), unless it holds shards of an unrecorded earlier one."""
     if not (out / TEXT_RECORD).is_file() and any(out.glob("latents-*.tar")):

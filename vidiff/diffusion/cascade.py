@@ -1,52 +1,133 @@
-"""Cascaded text-to-video sampling: base stage -> (temporal SR -> spatial SR) -> VAE decode.
+"""Cascaded text-to-video sampling: base stage -> temporal SR -> spatial SR -> VAE decode.
 
-The base stage is here; the super-resolution stages slot in between base and decode. This module sees
-only callables: a denoiser D(x, sigma, text, text_mask), a text encoder and a latent decoder.
+Each stage is EDM Heun sampling with classifier-free guidance of its own denoiser; a super-resolution stage is
+conditioned on the previous stage's latent lifted to its size (diffusion/conditions.py), augmented at the stage's
+fixed level. This module sees only callables and tensors: denoisers D(x, sigma, text, text_mask[, cond, aug]), a
+text encoder and the VAE; vidiff/sampling.py loads the stages' runs and writes the files.
+
+Noise: prompt i samples from seeds[i] at every stage, each stage (and its condition's augmentation) from its own
+stream of that seed, drawn on the CPU: a (prompt, seed) gives the same clip on any device, in any batch and on
+any rank.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from vidiff.config import EDMConfig, SampleConfig
+from vidiff.config import EDMConfig, RunConfig, SampleConfig, StageSampleConfig
+from vidiff.diffusion.conditions import (condition_from_latent, cond_channels, first_frame_condition,
+                                         sampling_condition, stream_generator)
 from vidiff.diffusion.edm import Denoiser
 from vidiff.diffusion.samplers import guided, karras_sigmas, sample_heun
+from vidiff.models.vae import VideoVAE, latent_shape
 from vidiff.progress import progress
 
 TextEncode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 Decode = Callable[[torch.Tensor], torch.Tensor]
+STAGE_STREAMS = 10             # stage k draws its noise from stream 10 k and its condition's from 10 k + 1
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], stream: int = 0) -> torch.Tensor:
+    """(B, *shape) standard normal noise on the CPU, sample i from stream `stream` of seeds[i]."""
+    return torch.stack([torch.randn(shape, generator=stream_generator(seed, stream)) for seed in seeds])
 
 
 @torch.no_grad()
-def sample_base(denoise: Denoiser, encode_text: TextEncode, prompts: list[str], seeds: list[int],
-                latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig) -> torch.Tensor:
-    """Prompts -> latents (B, C, T', h, w) by EDM Heun sampling with classifier-free guidance, as one batch on
-    the text encoder's device. Each prompt's noise comes from its own seed, drawn on the CPU: a (prompt, seed)
-    gives the same start on any device and in any batch, and two prompts with one seed share their noise."""
+def sample_latents(denoise: Denoiser, encode_text: TextEncode, prompts: list[str], seeds: list[int],
+                   shape: tuple[int, ...], steps: int, guidance: float, edm: EDMConfig, S_churn: float = 0.0,
+                   cond: dict[str, torch.Tensor] | None = None, stream: int = 0) -> torch.Tensor:
+    """Prompts -> latents (B, *shape) by EDM Heun sampling with classifier-free guidance, as one batch on the text
+    encoder's device. cond (a cascade stage's cond and aug) goes to both branches of guidance: guidance steers
+    by the text, a stage always sees its condition."""
+    cond = cond or {}
     text, mask = encode_text(prompts)
     null_text, null_mask = encode_text([""] * len(prompts))
-    denoise_cfg = guided(denoise, {"text": text, "text_mask": mask},
-                         {"text": null_text, "text_mask": null_mask}, sample.guidance)
-    sigmas = karras_sigmas(sample.steps, edm.sigma_min, edm.sigma_max, edm.rho)
-    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
-    generator = torch.Generator().manual_seed(seeds[0])                      # the churn's draws (S_churn > 0)
-    x = (noise * sigmas[0].float()).to(text.device)
-    return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=sample.S_churn)
+    denoise_cfg = guided(denoise, {"text": text, "text_mask": mask, **cond},
+                         {"text": null_text, "text_mask": null_mask, **cond}, guidance)
+    sigmas = karras_sigmas(steps, edm.sigma_min, edm.sigma_max, edm.rho)
+    generator = stream_generator(seeds[0], stream)                         # the churn's draws (S_churn > 0)
+    x = (seeded_noise(seeds, shape, stream) * sigmas[0].float()).to(text.device)
+    return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=S_churn)
+
+
+def no_image(batch: int, shape: tuple[int, ...], device) -> dict[str, torch.Tensor]:
+    """An image-to-video base stage's inputs for text alone: no frame given."""
+    given = torch.zeros(batch, dtype=torch.bool, device=device)
+    return {"cond": first_frame_condition(None, given, shape), "aug": torch.zeros(batch, device=device)}
 
 
 @torch.no_grad()
 def generate(denoise: Denoiser, encode_text: TextEncode, decode: Decode, prompts: list[str],
              latent_shape: tuple[int, ...], sample: SampleConfig, edm: EDMConfig, seeds: list[int] | None = None,
-             batch: int = 8, show_progress: bool = True) -> list[torch.Tensor]:
-    """Prompts -> videos (3, T, H, W) in [-1, 1]; prompt i's noise comes from seeds[i] (default sample.seed + i),
-    sampled batch prompts at a time."""
+             batch: int = 8, show_progress: bool = True, image_channels: bool = False) -> list[torch.Tensor]:
+    """One model's prompts -> videos (3, T, H, W) in [-1, 1]; prompt i's noise comes from seeds[i] (default
+    sample.seed + i), sampled batch prompts at a time. image_channels: the model is an image-to-video base stage,
+    sampled here from text alone."""
     seeds = seeds if seeds is not None else [sample.seed + i for i in range(len(prompts))]
     videos = []
     starts = range(0, len(prompts), batch)
     for i in progress(starts, desc="sample", unit="batch", disable=not show_progress or len(starts) == 1):
-        latent = sample_base(denoise, encode_text, prompts[i:i + batch], seeds[i:i + batch], latent_shape, sample,
-                             edm)
+        chunk = prompts[i:i + batch]
+        cond = no_image(len(chunk), latent_shape, encode_text([""])[0].device) if image_channels else None
+        latent = sample_latents(denoise, encode_text, chunk, seeds[i:i + batch], latent_shape, sample.steps,
+                                sample.guidance, edm, sample.S_churn, cond)
         videos += list(decode(latent).clamp(-1, 1))
     return videos
+
+
+@dataclass
+class Stage:
+    """One loaded stage: its name (base | tsr | ssr), denoiser, run config (cascade settings, EDM, bucket) and
+    sampling settings."""
+    name: str
+    denoise: Denoiser
+    run: RunConfig
+    sample: StageSampleConfig
+
+    @property
+    def takes_image(self) -> bool:
+        return self.name == "base" and self.run.cascade.image_prob > 0
+
+
+def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor | None, seeds: list[int],
+                 image_latent: torch.Tensor | None, device) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
+    """The latent shape a stage samples and its condition inputs: for the base, its bucket (and the image's
+    latent in frame 0 where given); for tsr/ssr, the previous stage's latent lifted and augmented."""
+    z = vae.cfg.latent_channels
+    if stage.name == "base":
+        shape = latent_shape(*stage.run.data.video_shape, z)
+        if not stage.takes_image:
+            return shape, {}
+        if image_latent is None:
+            return shape, no_image(len(seeds), shape, device)
+        given = torch.ones(len(seeds), dtype=torch.bool, device=device)
+        return shape, {"cond": first_frame_condition(image_latent.expand(len(seeds), -1, -1, -1), given, shape),
+                       "aug": torch.zeros(len(seeds), device=device)}
+    clean = condition_from_latent(stage.name, stage.run.cascade, vae, previous)
+    assert clean.shape[1] == cond_channels(stage.run, z)
+    return tuple(clean.shape[1:]), sampling_condition(clean, stage.sample.aug_sigma, seeds,
+                                                      STAGE_STREAMS * index + 1)
+
+
+@torch.no_grad()
+def run_cascade(stages: list[Stage], encode_text: TextEncode, vae: VideoVAE, prompts: list[str], seeds: list[int],
+                image_latent: torch.Tensor | None = None, S_churn: float = 0.0,
+                seconds: dict[str, float] | None = None) -> list[torch.Tensor]:
+    """Prompts -> each stage's output latents (B, z, T', h, w), base first. image_latent (z, h, w): the first
+    frame's latent for an image-to-video base stage. seconds: each stage's wall time is added under its name."""
+    device = encode_text([""])[0].device
+    outputs: list[torch.Tensor] = []
+    for index, stage in enumerate(stages):
+        start = time.perf_counter()
+        shape, cond = stage_inputs(stage, index, vae, outputs[-1] if outputs else None, seeds, image_latent, device)
+        cond = {k: v.to(device) for k, v in cond.items()}
+        outputs.append(sample_latents(stage.denoise, encode_text, prompts, seeds, shape, stage.sample.steps,
+                                      stage.sample.guidance, stage.run.edm, S_churn, cond,
+                                      stream=STAGE_STREAMS * index))
+        if seconds is not None:
+            seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - start
+    return outputs

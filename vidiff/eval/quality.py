@@ -87,12 +87,14 @@ def evaluate(run_dir: str | Path, steps: int | None = None, guidance: float | No
     prompts = [c.caption for c in clips]
     seeds = [sample.seed + i for i in range(len(prompts))]
     shape = latent_shape(frames, height, width, vae.cfg.latent_channels)
+    image = run_cfg.cascade.image_prob > 0                                   # an image-to-video base: text alone
     generated = [to_uint8(v) for v in generate(model, text, vae.decode, prompts, shape, sample, run_cfg.edm, seeds,
-                                               batch=32, show_progress=False)]
+                                               batch=32, show_progress=False, image_channels=image)]
     seen = [i for i, c in enumerate(clips) if not c.unseen]
     swapped = [swap_prompt(clips[i]) for i in seen]
     swapped_videos = [to_uint8(v) for v in generate(model, text, vae.decode, swapped, shape, sample, run_cfg.edm,
-                                                    [seeds[i] for i in seen], batch=32, show_progress=False)]
+                                                    [seeds[i] for i in seen], batch=32, show_progress=False,
+                                                    image_channels=image)]
     checks = [check_clip(v, p) for v, p in zip(generated, prompts)]
     ceiling = [check_clip(v, p) for v, p in zip(vae_roundtrip(vae, [v for _, v in real]), prompts)]
     truth = [check_clip(v, p) for (_, v), p in zip(real, prompts)]

@@ -138,15 +138,18 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, in
 
 
 class Embed(nn.Module):
-    """Inputs to block inputs: latent patches to tokens, the conditioning vector c = noise embedding + pooled
-    text, and the text context for cross attention (a caption with no valid token gets the null embedding)."""
+    """Inputs to block inputs: latent patches (with a cascade stage's condition channels) to tokens, the
+    conditioning vector c = noise embedding + pooled text (+ the condition's augmentation level), and the text
+    context for cross attention (a caption with no valid token gets the null embedding)."""
 
-    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, cond_channels: int = 0):
         super().__init__()
         D, (pt, ph, pw) = cfg.hidden_size, cfg.patch_size
-        self.patch = cfg.patch_size
-        self.x_embed = Linear(in_channels * pt * ph * pw, D)
+        self.patch, self.cond_channels = cfg.patch_size, cond_channels
+        self.x_embed = Linear((in_channels + cond_channels) * pt * ph * pw, D)
         self.noise_embed = NoiseEmbedding(D)
+        # Cascaded diffusion (Ho et al. 2022): the condition's noise-augmentation level, embedded like c_noise
+        self.aug_embed = NoiseEmbedding(D) if cond_channels else None
         self.null_text = nn.Parameter(torch.randn(1, 1, text_dim) * 0.02)  # stands in for a dropped caption
         self.text_proj = Linear(text_dim, D)
         self.text_pool = Linear(text_dim, D)
@@ -158,30 +161,42 @@ class Embed(nn.Module):
         null = self.null_text.to(text.dtype).expand(text.shape[0], -1, -1)
         return torch.cat([null, text], dim=1), torch.cat([dropped, text_mask], dim=1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
-        """-> tokens (B, T', N, D), c (B, D), context (B, 1 + L, D), mask (B, 1 + L), grid (T', H', W')."""
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                cond: torch.Tensor | None = None, aug: torch.Tensor | None = None):
+        """x (B, C, T, H, W), cond (B, C_cond, T, H, W) and aug (B,) for a stage with condition channels
+        -> tokens (B, T', N, D), c (B, D), context (B, 1 + L, D), mask (B, 1 + L), grid (T', H', W')."""
         dtype = self.x_embed.weight.dtype                                   # bf16 runs: inputs follow the weights
+        if (cond is None) != (self.aug_embed is None) or (cond is None) != (aug is None):
+            raise ValueError(f"this DiT has {self.cond_channels} condition channels: give cond (B, "
+                             f"{self.cond_channels}, T, H, W) and aug (B,) exactly when that is > 0")
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)                    # (B, C + C_cond, T, H, W)
         tokens, grid = patchify(x.to(dtype), self.patch)
         text, text_mask = self.with_null_text(text.to(dtype), text_mask)
         mask = text_mask.to(dtype)[..., None]                               # (B, L, 1)
         pooled = (text * mask).sum(1) / mask.sum(1)                         # (B, Dt)
         c = self.noise_embed(c_noise) + self.text_pool(pooled)              # (B, D)
+        if aug is not None:
+            c = c + self.aug_embed(aug)
         return self.x_embed(tokens), c, self.text_proj(text), text_mask, grid
 
 
 class DiT(nn.Module):
-    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)) -> (B, C, T, H, W):
-    embed, blocks, final layer (the pipeline layout runs the same three as its stages).
+    """F(x_in (B, C, T, H, W), c_noise (B,), text (B, L, Dt), text_mask (B, L)[, cond, aug]) -> (B, C, T, H, W):
+    embed, blocks, final layer (the pipeline layout runs the same three as its stages). A cascade stage has
+    cond_channels > 0: its condition (B, cond_channels, T, H, W) is concatenated to x channel-wise and its
+    augmentation level aug (B,) embedded next to c_noise (diffusion/conditions.py makes both).
     activation_checkpointing recomputes each block in backward instead of keeping its activations."""
 
-    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, activation_checkpointing: bool = False):
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, activation_checkpointing: bool = False,
+                 cond_channels: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.in_channels = in_channels
+        self.in_channels, self.cond_channels = in_channels, cond_channels
         self.activation_checkpointing = activation_checkpointing
         # Every layer initializes itself when built (see attention.Linear); adaLN-Zero closes every residual
         # branch and the output at initialization (unless cfg.zero_init is off).
-        self.embed = Embed(cfg, in_channels, text_dim)
+        self.embed = Embed(cfg, in_channels, text_dim, cond_channels)
         full = cfg.attention == "full"
         D = cfg.hidden_size
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full, cfg.zero_init)
@@ -194,9 +209,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.compile()
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
-        x, c, context, text_mask, grid = self.embed(x, c_noise, text, text_mask)   # x (B, T', N, D)
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                cond: torch.Tensor | None = None, aug: torch.Tensor | None = None) -> torch.Tensor:
+        x, c, context, text_mask, grid = self.embed(x, c_noise, text, text_mask, cond, aug)   # x (B, T', N, D)
         rope_s, rope_t = block_ropes(self.cfg, grid, x.shape[0], x.device)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -221,18 +236,20 @@ def describe_presets(in_channels: int = 16, text_dim: int = 384) -> dict[str, in
 
 
 def training_flops_per_token(cfg: DiTConfig, grid: tuple[int, int, int], text_tokens: int, in_channels: int,
-                             text_dim: int) -> float:
+                             text_dim: int, cond_channels: int = 0) -> float:
     """Model FLOPs of one training step (forward + backward) per latent token: the matmuls that run, counted as
     torch's FlopCounterMode counts them (tests/test_dit.py checks this within 2%), for the convention of perf/mfu.
 
     A multiply-add is 2 FLOPs. A linear layer costs 2 per weight forward and 2 backward for its weight gradient,
-    plus 2 for its input gradient when the input depends on trained weights (not for the patch, noise and text
-    embeddings, whose inputs are data). What runs per latent token: the patch embedding, in every block the
+    plus 2 for its input gradient when the input depends on trained weights (not for the patch and noise
+    embeddings, whose inputs are data; the text embeddings' inputs hold the learned null token, so they get one).
+    What runs per latent token: the patch embedding, in every block the
     q/k/v/out projections of the two self-attentions, q/out of the cross attention and the MLP, and the final
     projection; attention itself, per query and layer, 4 x S x D forward (QK^T and AV) and 8 x S x D backward
     with S the keys it attends to (H'W' spatial and T' temporal when factorized, T'H'W' for both when full,
     1 + text tokens across). What runs per sample, divided over its T'H'W' tokens: the adaLN modulations, the
-    noise and text embeddings and the cross attention's key/value projections of the text. Not counted: the
+    noise and text embeddings (and a cascade stage's augmentation-level embedding; its condition channels widen
+    the patch embedding) and the cross attention's key/value projections of the text. Not counted: the
     recomputation of activation checkpointing and of flash attention's backward (hardware, not model, FLOPs).
     """
     T, H, W = grid
@@ -241,10 +258,13 @@ def training_flops_per_token(cfg: DiTConfig, grid: tuple[int, int, int], text_to
     patch = in_channels * math.prod(cfg.patch_size)
     mlp = int(D * cfg.mlp_ratio)
     keys = 2 * tokens if cfg.attention == "full" else H * W + T
-    per_token = (4 * patch * D                                              # patch embedding (data input)
+    patch_in = (in_channels + cond_channels) * math.prod(cfg.patch_size)   # with the condition's channels
+    per_token = (4 * patch_in * D                                           # patch embedding (data input)
                  + 6 * depth * (8 * D * D + 2 * D * D + 2 * D * mlp)        # self q/k/v/out x2, cross q/out, MLP
                  + 6 * D * patch                                            # final projection
                  + 12 * depth * D * (keys + context))                       # attention scores and values
-    per_sample = (4 * (256 * D + context * text_dim * D + text_dim * D)     # noise MLP in, text proj, text pool
-                  + 6 * (D * D + depth * (9 * D * D + 2 * context * D * D) + 2 * D * D))  # noise MLP out, adaLN,
-    return per_token + per_sample / tokens                                  # cross k/v, final adaLN
+    embeddings = 2 if cond_channels else 1                                 # c_noise (and the augmentation level)
+    per_sample = (4 * embeddings * 256 * D                                 # noise (and aug) MLPs in: data input
+                  + 6 * (context * text_dim * D + text_dim * D)             # text proj and pool (null token)
+                  + 6 * (embeddings * D * D + depth * (9 * D * D + 2 * context * D * D) + 2 * D * D))  # MLPs out,
+    return per_token + per_sample / tokens                                  # adaLN, cross k/v, final adaLN

@@ -31,16 +31,17 @@ from vidiff.parallel.tensor import split_block, split_dim
 
 
 class EmbedLayer(nn.Module):
-    """(noisy x, sigma, text, text_mask) -> the block inputs, with EDM's c_in and c_noise applied."""
+    """(noisy x, sigma, text, text_mask[, cond, aug]) -> the block inputs, with EDM's c_in and c_noise applied (a
+    cascade stage's condition and its augmentation level ride along as the last two inputs)."""
 
     def __init__(self, embed: Embed, sigma_data: float):
         super().__init__()
         self.embed, self.sigma_data = embed, sigma_data
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x, sigma, text, text_mask = inputs
+        x, sigma, text, text_mask, *cond = inputs
         _, _, c_in, c_noise = scalings(sigma, x, self.sigma_data)
-        tokens, c, context, mask, grid = self.embed(c_in * x, c_noise, text, text_mask.bool())
+        tokens, c, context, mask, grid = self.embed(c_in * x, c_noise, text, text_mask.bool(), *cond)
         return tokens, c, context, mask.long(), torch.tensor(grid, device=x.device)
 
 
@@ -143,7 +144,8 @@ def pipeline_step(engine, objective, micro_batches: list[dict], seeds: list[list
     for batch, batch_seeds, weight in zip(micro_batches, seeds, weights):
         d = objective.diffusion_inputs(batch, batch_seeds)
         x = noised(d["x0"], d["sigma"], d["noise"])
-        items.append(((x, d["sigma"], d["text"], d["text_mask"].long()), (d["x0"], x, d["sigma"], weight)))
+        cond = (d["cond"]["cond"], d["cond"]["aug"]) if d["cond"] else ()
+        items.append(((x, d["sigma"], d["text"], d["text_mask"].long(), *cond), (d["x0"], x, d["sigma"], weight)))
     return engine.train_batch(iter(items))
 
 

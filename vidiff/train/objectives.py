@@ -22,6 +22,7 @@ from torch import nn
 from vidiff.config import RunConfig
 from vidiff.data.pipeline import ShardLoader, to_model_input, to_uint8
 from vidiff.diffusion.cascade import generate
+from vidiff.diffusion.conditions import cond_channels, training_condition
 from vidiff.diffusion.edm import Precond, edm_loss, sample_noise
 from vidiff.eval.metrics import psnr, ssim
 from vidiff.models.dit import DiT, training_flops_per_token
@@ -135,8 +136,9 @@ class VAEObjective:
 
 
 def build_denoiser(cfg: RunConfig, latent_channels: int, text_dim: int) -> nn.Module:
-    """The trained network of a DiT run: the EDM-preconditioned DiT."""
-    net = DiT(cfg.model, latent_channels, text_dim, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    """The trained network of a DiT run: the EDM-preconditioned DiT, with its cascade stage's condition channels."""
+    net = DiT(cfg.model, latent_channels, text_dim, activation_checkpointing=cfg.parallel.activation_checkpointing,
+              cond_channels=cond_channels(cfg, latent_channels))
     return Precond(net, cfg.edm.sigma_data)
 
 
@@ -170,8 +172,9 @@ class DiTObjective:
 
     def flops_per_token(self, grid: tuple[int, int, int]) -> float:
         """Training FLOPs per latent token of the DiT on a (T', H', W') token grid (perf/mfu)."""
-        return training_flops_per_token(self.cfg.model, grid, self.cfg.text.max_tokens, self.vae.cfg.latent_channels,
-                                        self.text.dim)
+        z = self.vae.cfg.latent_channels
+        return training_flops_per_token(self.cfg.model, grid, self.cfg.text.max_tokens, z, self.text.dim,
+                                        cond_channels(self.cfg, z))
 
     def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings: cached in latent shards where present; a dropped (empty) caption has no valid
@@ -183,19 +186,22 @@ class DiTObjective:
         text[dropped], mask[dropped] = 0.0, False
         return text, mask
 
-    def diffusion_inputs(self, batch: dict, seeds: list[int]) -> dict[str, torch.Tensor]:
-        """x0 (B, z, T', h, w), sigma (B,), noise like x0, text (B, L, Dt), text_mask (B, L)."""
+    def diffusion_inputs(self, batch: dict, seeds: list[int]) -> dict:
+        """x0 (B, z, T', h, w), sigma (B,), noise like x0, text (B, L, Dt), text_mask (B, L), and cond: the
+        stage's condition inputs ({} for a plain base stage; diffusion/conditions.py)."""
         text, text_mask = self._text(batch)
         # Latent shards (vidiff cache-latents) skip the VAE; raw clips are encoded here.
-        x0 = batch["latent"] if "latent" in batch else self.vae.encode(batch["video"])   # (B, z, T', h, w)
+        video = batch.get("video")
+        x0 = batch["latent"] if "latent" in batch else self.vae.encode(video)   # (B, z, T', h, w)
         sigma, noise = sample_noise(x0, seeds, self.cfg.edm.P_mean, self.cfg.edm.P_std)
         device = x0.device
-        return {"x0": x0, "sigma": sigma, "noise": noise, "text": text.to(device), "text_mask": text_mask.to(device)}
+        return {"x0": x0, "sigma": sigma, "noise": noise, "text": text.to(device), "text_mask": text_mask.to(device),
+                "cond": training_condition(self.cfg, self.vae, x0, video, seeds)}
 
     def loss(self, engine, batch, seeds):
         d = self.diffusion_inputs(batch, seeds)
         loss = edm_loss(engine, d["x0"], d["sigma"], d["noise"], self.cfg.edm.sigma_data, text=d["text"],
-                        text_mask=d["text_mask"])
+                        text_mask=d["text_mask"], **d["cond"])
         return loss, d["sigma"], {}
 
     def state_dict(self) -> dict:
@@ -215,7 +221,7 @@ class DiTObjective:
             for s in totals:
                 sigma = torch.full_like(d["sigma"], s)
                 loss = edm_loss(engine, d["x0"], sigma, d["noise"], self.cfg.edm.sigma_data, text=d["text"],
-                                text_mask=d["text_mask"])
+                                text_mask=d["text_mask"], **d["cond"])
                 totals[s] += float(loss.sum())
             count += len(d["sigma"])
         return {f"eval/loss_at_sigma/{s:g}": total / count for s, total in totals.items()}, None
@@ -229,7 +235,7 @@ class DiTObjective:
         shape = latent_shape(frames, height, width, self.vae.cfg.latent_channels)
         sample = self.cfg.sample.model_copy(update={"steps": self.cfg.train.preview_steps})
         videos = generate(engine, self.text, self.vae.decode, self.cfg.sample.prompts[:PREVIEW_PROMPTS], shape,
-                          sample, self.cfg.edm, show_progress=False)
+                          sample, self.cfg.edm, show_progress=False, image_channels=self.cfg.cascade.image_prob > 0)
         return np.concatenate([to_uint8(v) for v in videos], axis=2)            # (T, H, W x prompts, 3)
 
     def before_export(self, module: nn.Module, state: dict) -> None:
