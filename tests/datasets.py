@@ -70,10 +70,11 @@ def _export(folder: Path, cfg: RunConfig, module: torch.nn.Module) -> None:
     (folder / "checkpoints/latest").write_text(tag.name)
 
 
-def vae_run_folder(folder: Path, videos: list[torch.Tensor] | None = None) -> None:
-    """A VAE run folder (4 latent channels): untrained (the DiT here reads latent shards), or with videos
-    ((B, 3, T, H, W) in [-1, 1]) its linear path the PCA of their blocks, so it reconstructs clips like them."""
-    cfg = RunConfig(task="vae", out_dir=str(folder), vae=VAEConfig(latent_channels=4, base_channels=8))
+def vae_run_folder(folder: Path, videos: list[torch.Tensor] | None = None, latent_channels: int = 4) -> None:
+    """A VAE run folder: untrained (the DiT here reads latent shards), or with videos ((B, 3, T, H, W) in [-1, 1])
+    its linear path the PCA of their blocks, so it reconstructs clips like them."""
+    cfg = RunConfig(task="vae", out_dir=str(folder),
+                    vae=VAEConfig(latent_channels=latent_channels, base_channels=max(8, latent_channels)))
     pca = block_pca(videos, cfg.vae.latent_channels) if videos else None
     _export(folder, cfg, VideoVAE(cfg.vae, pca))
 

@@ -286,18 +286,18 @@ def test_image_to_video_keeps_the_first_frame(tmp_path):
     """One base model trained with cascade.image_prob 0.5 does both: given a held-out clip's first frame
     (`--image`), its sample's frame 0 is close to that image; from text alone it is not."""
     clips = [video for _, video in make_clips(64, 16, 16, 9, seed=0)]
-    vae_run_folder(tmp_path / "vae", [to_model_input(torch.from_numpy(np.stack(clips)))])
+    vae_run_folder(tmp_path / "vae", [to_model_input(torch.from_numpy(np.stack(clips)))], latent_channels=16)
     write_shards(synthetic_samples(256, 16, 16, 9, 8, seed=0), tmp_path / "shards", max_count=64)
     launch(REPO / "configs/cascade/base.yaml", [
         f"out_dir={tmp_path / 'base'}", f"data.shards={tmp_path / 'shards'}", "data.buckets=[[9,16,16]]",
         "data.fps=null", f"vae.checkpoint={tmp_path / 'vae'}", "cascade.image_prob=0.5", "model.hidden_size=64",
-        "model.depth=2", "train.steps=400", "train.checkpoint_every=400", "train.log_every=50",
+        "model.depth=2", "train.steps=800", "train.checkpoint_every=800", "train.log_every=50",
         "parallel.micro_batch=16", "parallel.compile=false", "text.max_tokens=8"], ranks=1, cwd=tmp_path)
 
     run_cfg, model, text, vae = load_denoiser(tmp_path / "base")
     stage = Stage("base", model, run_cfg, StageSampleConfig(run=str(tmp_path / "base"), steps=12))
     held_out = list(make_clips(8, 16, 16, 9, seed=1, split="heldout"))
-    scores = {"image": [], "text": []}
+    scores = {"image": [], "text": [], "vae": []}
     for i, (clip, video) in enumerate(held_out):
         first = torch.from_numpy(video[:1])                                    # (1, H, W, 3)
         image = tmp_path / f"frame{i}.png"
@@ -306,6 +306,9 @@ def test_image_to_video_keeps_the_first_frame(tmp_path):
             out, = run_cascade([stage], text, vae, [clip.caption], [i], latent)
             frame0 = torch.from_numpy(to_uint8(vae.decode(out)[0])[:1])
             scores[mode].append(psnr(to_model_input(frame0[None]), to_model_input(first[None])).item())
-    image_psnr, text_psnr = np.mean(scores["image"]), np.mean(scores["text"])
-    print(f"image-to-video frame-0 PSNR {image_psnr:.1f} dB, text alone {text_psnr:.1f} dB")
+        ceiling = vae.decode(vae.encode(to_model_input(first[None]))).clamp(-1, 1)
+        scores["vae"].append(psnr(ceiling, to_model_input(first[None])).item())
+    image_psnr, text_psnr, vae_psnr = np.mean(scores["image"]), np.mean(scores["text"]), np.mean(scores["vae"])
+    print(f"image-to-video frame-0 PSNR {image_psnr:.1f} dB, text alone {text_psnr:.1f} dB, the VAE's round trip "
+          f"of the image {vae_psnr:.1f} dB")
     assert image_psnr >= I2V_PSNR and image_psnr - text_psnr >= I2V_GAIN, (image_psnr, text_psnr)

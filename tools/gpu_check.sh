@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every device path end to end on this machine's GPUs, in a few minutes: VAE training (fp32 and bf16), resume,
 # cache-latents, the DiT on pixel shards and on latent shards (fp32 on TF32 and bf16), resume, both parallel
-# layouts where the GPUs allow (the pipeline layout and tensor parallelism need 2), sampling to mp4, and the
-# training throughput benchmark. One JSON line per path: {"path", "ok", "seconds", ...figures}; exit status 1
+# layouts where the GPUs allow (the pipeline layout and tensor parallelism need 2), sampling to mp4, the cascade's
+# three stages trained and sampled with an image, and the training throughput benchmark. One JSON line per path: {"path", "ok", "seconds", ...figures}; exit status 1
 # if any path failed. Logs under $GPU_CHECK_OUT (default runs/gpu-check).
 #
 #   tools/gpu_check.sh                          # on a GPU machine (CPU tests cannot see device bugs)
@@ -104,6 +104,43 @@ Path(sys.argv[2]).write_text(json.dumps({"mp4": str(mp4s[0]), "frames": len(fram
 EOF
 }
 check sample sample_check
+# The cascade: an image-to-video base, a tsr stage in bf16 and an ssr stage, each trained briefly on the pixel
+# shards (their conditions made on the device), then `vidiff sample --cascade --image` to an mp4 of the last size.
+cascade=("${dit[@]}" train.steps=5 train.checkpoint_every=5)
+check cascade_base train cascade-base configs/demo.yaml "${cascade[@]}" stage=base cascade.image_prob=0.5 \
+  "data.buckets=[[5,32,32]]"
+check cascade_tsr train cascade-tsr configs/demo.yaml "${cascade[@]}" stage=tsr "data.buckets=[[9,32,32]]" \
+  parallel.precision=bf16
+check cascade_ssr train cascade-ssr configs/demo.yaml "${cascade[@]}" stage=ssr "data.buckets=[[9,64,64]]"
+cascade_sample() {
+  "$py" - "$out" <<'EOF'
+import sys
+from pathlib import Path
+import numpy as np
+import yaml
+from PIL import Image
+out = Path(sys.argv[1])
+Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(out / "first_frame.png")
+stage = {"steps": 3, "guidance": 1.0}
+(out / "cascade.yaml").write_text(yaml.safe_dump({
+    "prompts": ["a red square moving right"], "out": str(out / "cascade-samples"),
+    "base": {"run": str(out / "cascade-base"), "steps": 3, "guidance": 3.0},
+    "tsr": {"run": str(out / "cascade-tsr"), **stage, "aug_sigma": 0.1},
+    "ssr": {"run": str(out / "cascade-ssr"), **stage, "aug_sigma": 0.1}}))
+EOF
+  "$py" -m vidiff sample --cascade "$out/cascade.yaml" --image "$out/first_frame.png" && \
+  "$py" - "$out/cascade-samples" "$out/$current.json" <<'EOF'
+import json, sys
+from pathlib import Path
+import av
+mp4 = sorted(Path(sys.argv[1]).glob("*.mp4"))[0]
+with av.open(str(mp4)) as container:
+    frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+assert len(frames) == 9 and frames[0].shape == (64, 64, 3), (len(frames), frames[0].shape)
+Path(sys.argv[2]).write_text(json.dumps({"mp4": str(mp4), "frames": len(frames)}))
+EOF
+}
+check cascade_sample cascade_sample
 bench() { "$py" tools/bench_train.py --steps 3 --warmup 2 | tail -n 1 > "$out/$current.json"; }
 if [ "$gpus" -gt 0 ]; then
   check bench_train bench                   # XL in bf16 on one GPU: tokens/s and MFU (perf/mfu's FLOP count)

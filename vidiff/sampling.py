@@ -154,7 +154,7 @@ def load_image_latent(path: Path, stage: Stage, vae, device: torch.device) -> to
         frame = decode_image(Path(path).read_bytes(), height, width)          # (1, H, W, 3) uint8
     except (OSError, ClipError) as exc:
         raise InputError(f"--image {path}: not a readable image ({exc})") from None
-    video = to_model_input(torch.from_numpy(frame)[None], device)            # (1, 3, 1, H, W)
+    video = to_model_input(torch.from_numpy(frame.copy())[None], device)     # (1, 3, 1, H, W)
     return vae.encode(video)[0, :, 0]
 
 

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from vidiff.config import EDMConfig, RunConfig, SampleConfig, StageSampleConfig
-from vidiff.diffusion.conditions import (condition_from_latent, cond_channels, first_frame_condition,
-                                         sampling_condition, stream_generator)
+from vidiff.diffusion.conditions import (condition_from_latent, first_frame_condition, sampling_condition,
+                                         stream_generator)
 from vidiff.diffusion.edm import Denoiser
 from vidiff.diffusion.samplers import guided, karras_sigmas, sample_heun
 from vidiff.models.vae import VideoVAE, latent_shape
@@ -108,7 +108,6 @@ def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor
         return shape, {"cond": first_frame_condition(image_latent.expand(len(seeds), -1, -1, -1), given, shape),
                        "aug": torch.zeros(len(seeds), device=device)}
     clean = condition_from_latent(stage.name, stage.run.cascade, vae, previous)
-    assert clean.shape[1] == cond_channels(stage.run, z)
     return tuple(clean.shape[1:]), sampling_condition(clean, stage.sample.aug_sigma, seeds,
                                                       STAGE_STREAMS * index + 1)
 

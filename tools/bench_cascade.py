@@ -1,0 +1,147 @@
+"""The cascade benchmark on the moving-shapes ground truth: train the three stages, measure each super-resolution
+stage against classical upsampling and the full cascade against a single-stage model.
+
+    python tools/bench_quality.py --root R          # first: the shards, the VAE and the single-stage DiT (R/dit)
+    python tools/bench_cascade.py --root R [--ranks 2] [--skip-train] [--steps base=N,tsr=N,ssr=N]
+                                  [--single-steps N] [--gif docs/cascade/stages.gif]
+
+Stages, each through the normal launcher, each timed: configs/cascade/{base,tsr,ssr}.yaml on R/shards with R/vae
+(the stages read pixel clips and make their conditions on the fly), into R/cascade/<stage>. The single-stage
+reference is R/dit (the quality recipe, about the cascade's total training time at the default steps), or with
+--single-steps a run of configs/bench/shapes_cpu.yaml at that many steps trained here (cache-latents included in
+its minutes) into R/cascade/single. Then vidiff/eval/cascade.py on held-out clips and prompts, sampled with
+configs/cascade/sample.yaml's steps, guidance and augmentation levels.
+Prints one JSON line: per stage its training minutes, frames, size, network evaluations and seconds per clip; the
+tsr and ssr figures beside their baselines; the cascade's and the single-stage model's checker pass rates; the
+training-minute ratio of the two sides (measured in this run, or read from the runs' TensorBoard logs with
+--skip-train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STAGES = ("base", "tsr", "ssr")
+SINGLE_CONFIG = REPO / "configs/bench/shapes_cpu.yaml"
+
+
+def _run(*cmd: str, env: dict | None = None) -> float:
+    """Run a command from the repository root; minutes taken."""
+    start = time.monotonic()
+    subprocess.run(list(cmd), cwd=REPO, check=True, env={**os.environ, **(env or {})})
+    return (time.monotonic() - start) / 60
+
+
+def logged_minutes(run: Path) -> float:
+    """A run's training time from its TensorBoard log: the wall time from the first to the last logged step,
+    plus one step's worth (the first step's own time precedes its log line)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    times = []
+    for path in sorted((run / "tb").glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            times += [(e.step, e.wall_time) for e in acc.Scalars("train/loss")]
+    if len(times) < 2:
+        raise SystemExit(f"bench_cascade: {run} has no training log to time (train it first)")
+    times.sort()
+    (s0, t0), (s1, t1) = times[0], times[-1]
+    return (t1 - t0) * (1 + s0 / max(s1 - s0, 1)) / 60
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    steps = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in STAGES or not value.isdigit():
+            raise SystemExit(f"bench_cascade: --steps {text!r}: give stage=N for stages {', '.join(STAGES)}")
+        steps[name] = int(value)
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("runs/shapes"))
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already under --root")
+    parser.add_argument("--steps", help="training steps per stage, e.g. base=1000,tsr=500,ssr=500 (default: the "
+                                        "configs')")
+    parser.add_argument("--single-steps", type=int, help="train the single-stage reference here at this many steps "
+                                                         "(default: use ROOT/dit)")
+    parser.add_argument("--per-combo", type=int, default=2, help="held-out clips per combination (default 2)")
+    parser.add_argument("--gif", type=Path, help="also copy the first prompt's stages GIF here")
+    args = parser.parse_args()
+    root = args.root.resolve()
+    for needed in ("shards", "vae"):
+        if not (root / needed).is_dir():
+            raise SystemExit(f"bench_cascade: {root / needed} is missing; make it with python tools/bench_quality.py "
+                             f"--root {args.root}")
+    steps = parse_steps(args.steps)
+    vidiff = [sys.executable, "-m", "vidiff"]
+    env = {"NPROC": str(args.ranks)}
+    runs = {name: root / "cascade" / name for name in STAGES}
+    minutes = {}
+    for name in STAGES:
+        if args.skip_train:
+            minutes[name] = logged_minutes(runs[name])
+            continue
+        extra = [f"train.steps={steps[name]}", f"train.checkpoint_every={steps[name]}"] if name in steps else []
+        minutes[name] = _run("launchers/local.sh", str(REPO / f"configs/cascade/{name}.yaml"), f"out_dir={runs[name]}",
+                             f"data.shards={root / 'shards'}", f"vae.checkpoint={root / 'vae'}", *extra,
+                             "--no-resume", env=env)
+    single = root / "dit"
+    if args.single_steps:
+        single = root / "cascade" / "single"
+        if args.skip_train:
+            minutes["single"] = logged_minutes(single)
+        else:
+            common = [f"vae.checkpoint={root / 'vae'}", f"train.steps={args.single_steps}", "data.eval_shards=null",
+                      f"train.checkpoint_every={args.single_steps}", "train.eval_every=0"]
+            minutes["single"] = _run(*vidiff, "cache-latents", str(SINGLE_CONFIG), f"data.shards={root / 'shards'}",
+                                     *common, "--text", "--windows", "1", "--out", str(root / "cascade/latents"))
+            minutes["single"] += _run("launchers/local.sh", str(SINGLE_CONFIG), f"out_dir={single}",
+                                      f"data.shards={root / 'cascade/latents'}", *common, "--no-resume", env=env)
+    else:
+        minutes["single"] = logged_minutes(single)
+
+    import torch
+
+    from vidiff.config import CascadeSampleConfig, load_config
+    from vidiff.device import rank_device
+    from vidiff.eval.cascade import evaluate_cascade
+
+    torch.set_grad_enabled(False)
+    spec = load_config(REPO / "configs/cascade/sample.yaml", [f"{n}.run={runs[n]}" for n in STAGES],
+                       CascadeSampleConfig)
+    start = time.monotonic()
+    result = evaluate_cascade(spec, single, args.per_combo, 0, rank_device(), root / "cascade" / "eval")
+    if args.gif:
+        args.gif.parent.mkdir(parents=True, exist_ok=True)
+        args.gif.write_bytes((root / "cascade/eval/stages.gif").read_bytes())
+    tsr, ssr = result["tsr"], result["ssr"]
+    met = {
+        "tsr_psnr_beats_repeat_and_linear": tsr["tsr"]["psnr"] > max(tsr["repeat"]["psnr"], tsr["linear"]["psnr"]),
+        "tsr_motion_beats_repeat_and_linear": tsr["tsr"]["motion"] > max(tsr["repeat"]["motion"],
+                                                                         tsr["linear"]["motion"]),
+        "ssr_psnr_beats_bicubic": ssr["ssr"]["psnr"] > ssr["bicubic"]["psnr"],
+        "ssr_pass_rate_beats_bicubic": ssr["ssr"]["pass_rate"] > ssr["bicubic"]["pass_rate"],
+    }
+    cascade_minutes = sum(minutes[n] for n in STAGES)
+    print(json.dumps({"bench": "cascade", **result, "met": met,
+                      "train_minutes": {k: round(v, 1) for k, v in minutes.items()},
+                      "cascade_over_single_minutes": round(cascade_minutes / minutes["single"], 3),
+                      "eval_minutes": round((time.monotonic() - start) / 60, 1)}))
+
+
+if __name__ == "__main__":
+    main()

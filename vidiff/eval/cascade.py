@@ -1,0 +1,212 @@
+"""The cascade on the moving-shapes ground truth (tools/bench_cascade.py).
+
+- tsr: each held-out clip's low-frame-rate version (every frame_factor-th frame, the truth itself) through the tsr
+  stage, against frame repetition and linear interpolation of the same frames in pixels, the same two in latent
+  space (what the cascade would do without the stage: its condition, decoded) and the VAE round trip of the true
+  clip (no latent stage can beat it);
+- ssr: each held-out clip downsampled through the ssr stage, against bicubic upsampling in pixels, the latent
+  condition decoded, and the VAE round trip;
+- cascade: base -> tsr -> ssr on held-out prompts, the checker's pass rate at the final size beside that of a
+  single-stage model sampled at the same size, with each stage's network evaluations and seconds per clip.
+Scores: PSNR against the true clip (mean over clips of each clip's PSNR over all its frames), the checker's pass
+rate and its motion sub-score (vidiff/eval/shapes.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vidiff.config import CascadeSampleConfig
+from vidiff.data.pipeline import to_model_input, to_uint8
+from vidiff.diffusion.cascade import STAGE_STREAMS, Stage, generate, run_cascade, sample_latents
+from vidiff.diffusion.conditions import (condition_from_clip, downsample, drop_frames, sampling_condition,
+                                         upsample_frames, upsample_latent_space, upsample_latent_time)
+from vidiff.eval.quality import real_clips, summarize, vae_roundtrip
+from vidiff.eval.shapes import check_clip
+from vidiff.models.vae import VideoVAE, latent_frames, latent_shape
+from vidiff.train.objectives import load_denoiser
+
+BATCH = 16
+
+
+def repeat_frames(low: np.ndarray, factor: int) -> np.ndarray:
+    """(T, H, W, 3) -> (1 + (T - 1) factor, H, W, 3): each missing frame is the last kept one."""
+    return np.repeat(low, factor, axis=0)[: 1 + (len(low) - 1) * factor]
+
+
+def linear_frames(low: np.ndarray, factor: int) -> np.ndarray:
+    """(T, H, W, 3) -> (1 + (T - 1) factor, H, W, 3): missing frames blended linearly from their neighbours."""
+    low = low.astype(np.float32)
+    out = [low[0]]
+    for a, b in zip(low[:-1], low[1:]):
+        out += [a + (b - a) * k / factor for k in range(1, factor + 1)]
+    return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8)
+
+
+def clip_psnr(ours: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Mean over clips of each clip's PSNR (dB, peak 255) over all its frames."""
+    scores = []
+    for a, b in zip(ours, truth):
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        scores.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+    return float(np.mean(scores))
+
+
+def scores(clips: list[np.ndarray], truth: list[np.ndarray], prompts: list[str]) -> dict:
+    checked = summarize([check_clip(c, p) for c, p in zip(clips, prompts)])
+    return {"psnr": round(clip_psnr(clips, truth), 2), "pass_rate": checked["pass_rate"],
+            "motion": checked["motion"]}
+
+
+def _batches(n: int):
+    return [slice(i, i + BATCH) for i in range(0, n, BATCH)]
+
+
+@torch.no_grad()
+def super_resolution(stage: Stage, text, vae: VideoVAE, truth: list[np.ndarray], prompts: list[str],
+                     seeds: list[int], device) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The stage fed each true clip's low-frame-rate / low-resolution version (made as in training) -> its
+    outputs, and the condition alone decoded (the latent-space upsampling the stage refines), uint8 clips."""
+    ours, lifted = [], []
+    for part in _batches(len(truth)):
+        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
+        clean = condition_from_clip(stage.name, stage.run.cascade, vae, video)
+        cond = sampling_condition(clean, stage.sample.aug_sigma, seeds[part], STAGE_STREAMS + 1)
+        latent = sample_latents(stage.denoise, text, prompts[part], seeds[part], tuple(clean.shape[1:]),
+                                stage.sample.steps, stage.sample.guidance, stage.run.edm, cond=cond,
+                                stream=STAGE_STREAMS)
+        ours += [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
+        lifted += [to_uint8(v) for v in vae.decode(clean).clamp(-1, 1).float()]
+    return ours, lifted
+
+
+@torch.no_grad()
+def latent_condition(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device) -> list[np.ndarray]:
+    """The cascade without the stage: the low clip's latent upsampled in latent space (tsr: linear in time; ssr:
+    bilinear), decoded."""
+    out = []
+    for part in _batches(len(truth)):
+        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
+        cascade = stage.run.cascade
+        if stage.name == "tsr":
+            low = vae.encode(drop_frames(video, cascade.frame_factor))
+            latent = upsample_latent_time(low, latent_frames(video.shape[2]))
+        else:
+            latent = upsample_latent_space(vae.encode(downsample(video, cascade.spatial_factor)),
+                                           cascade.spatial_factor)
+        out += [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
+    return out
+
+
+def tsr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device) -> dict:
+    frames, height, width = stage.run.data.video_shape
+    real = real_clips(frames, height, width, per_combo, seed)
+    truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
+    factor = stage.run.cascade.frame_factor
+    low = [v[::factor] for v in truth]
+    ours, _ = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
+    methods = {"tsr": ours, "repeat": [repeat_frames(v, factor) for v in low],
+               "linear": [linear_frames(v, factor) for v in low],
+               "latent_linear": latent_condition(stage, vae, truth, device),
+               "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
+    return {"size": [frames, height, width], "clips": len(truth),
+            **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
+
+
+def ssr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device) -> dict:
+    frames, height, width = stage.run.data.video_shape
+    real = real_clips(frames, height, width, per_combo, seed)
+    truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
+    factor = stage.run.cascade.spatial_factor
+    bicubic = []
+    for part in _batches(len(truth)):
+        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
+        bicubic += [to_uint8(v) for v in upsample_frames(downsample(video, factor), factor)]
+    ours, _ = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
+    methods = {"ssr": ours, "bicubic": bicubic, "latent_bilinear": latent_condition(stage, vae, truth, device),
+               "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
+    return {"size": [frames, height, width], "clips": len(truth), "ssr_condition": stage.run.cascade.ssr_condition,
+            **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
+
+
+def load_stages(spec: CascadeSampleConfig, device) -> tuple[list[Stage], object, VideoVAE]:
+    stages, text, vae = [], None, None
+    for name, settings in spec.stages():
+        run_cfg, model, text, vae = load_denoiser(settings.run, device)
+        stages.append(Stage(name, model, run_cfg, settings))
+    return stages, text, vae
+
+
+def cascade_pass_rate(spec: CascadeSampleConfig, single_run: str | Path, per_combo: int, seed: int, device,
+                      out: Path | None = None) -> dict:
+    """The full cascade and the single-stage model on the held-out prompts (seen and unseen combinations), each
+    prompt from seed + its index; per stage: network evaluations and seconds per clip."""
+    from vidiff.sampling import check_chain, side_by_side
+
+    stages, text, vae = load_stages(spec, device)
+    check_chain(stages)
+    frames, height, width = stages[-1].run.data.video_shape
+    real = real_clips(frames, height, width, per_combo, seed)
+    clips, prompts = [c for c, _ in real], [c.caption for c, _ in real]
+    seeds = [spec.seed + i for i in range(len(prompts))]
+    seconds: dict[str, float] = {}
+    finals, first = [], None
+    for part in _batches(len(prompts)):
+        latents = run_cascade(stages, text, vae, prompts[part], seeds[part], None, spec.S_churn, seconds)
+        decoded = [[to_uint8(v) for v in vae.decode(x).clamp(-1, 1).float()] for x in latents]
+        finals += decoded[-1]
+        if first is None:
+            first = [d[0] for d in decoded]                             # the first prompt through every stage
+    start = time.perf_counter()
+    run_cfg, model, single_text, single_vae = load_denoiser(single_run, device)
+    if run_cfg.data.video_shape != (frames, height, width):
+        raise ValueError(f"the single-stage run {single_run} samples {run_cfg.data.video_shape}, the cascade "
+                         f"{(frames, height, width)}: compare them at one size")
+    shape = latent_shape(frames, height, width, single_vae.cfg.latent_channels)
+    single = [to_uint8(v) for v in generate(model, single_text, single_vae.decode, prompts, shape, run_cfg.sample,
+                                            run_cfg.edm, seeds, batch=BATCH, show_progress=False)]
+    single_seconds = time.perf_counter() - start
+    if out is not None:
+        from vidiff.data.video import encode_gif
+        out.mkdir(parents=True, exist_ok=True)
+        strip = side_by_side(first, height, width, frames)
+        (out / "stages.gif").write_bytes(encode_gif(strip, spec.fps))
+        (out / "stages_prompt.txt").write_text(prompts[0] + "\n")
+
+    def split(results):
+        seen = [r for r, c in zip(results, clips) if not c.unseen]
+        unseen = [r for r, c in zip(results, clips) if c.unseen]
+        return {"seen": summarize(seen), "unseen": summarize(unseen)}
+
+    n = len(prompts)
+    return {
+        "prompts": n,
+        "cascade": split([check_clip(v, p) for v, p in zip(finals, prompts)]),
+        "single_stage": split([check_clip(v, p) for v, p in zip(single, prompts)]),
+        "stages": [{"stage": s.name, "size": list(s.run.data.video_shape), "steps": s.sample.steps,
+                    "guidance": s.sample.guidance, "aug_sigma": s.sample.aug_sigma,
+                    "evaluations_per_clip": (2 * s.sample.steps - 1) * (1 if s.sample.guidance == 1 else 2),
+                    "seconds_per_clip": round(seconds[s.name] / n, 3)} for s in stages],
+        "single_stage_sampling": {"steps": run_cfg.sample.steps, "guidance": run_cfg.sample.guidance,
+                                  "evaluations_per_clip": (2 * run_cfg.sample.steps - 1)
+                                  * (1 if run_cfg.sample.guidance == 1 else 2),
+                                  "seconds_per_clip": round(single_seconds / n, 3)},
+    }
+
+
+def evaluate_cascade(spec: CascadeSampleConfig, single_run: str | Path, per_combo: int = 2, seed: int = 0,
+                     device="cpu", out: Path | None = None) -> dict:
+    """Every figure above as one dict."""
+    stages, text, vae = load_stages(spec, device)
+    by_name = {s.name: s for s in stages}
+    result = {}
+    if "tsr" in by_name:
+        result["tsr"] = tsr_figures(by_name["tsr"], text, vae, per_combo, seed, device)
+    if "ssr" in by_name:
+        result["ssr"] = ssr_figures(by_name["ssr"], text, vae, per_combo, seed, device)
+    result["cascade"] = cascade_pass_rate(spec, single_run, per_combo, seed, device, out)
+    return result
