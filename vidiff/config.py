@@ -330,27 +330,23 @@ class RunConfig(_Section):
             raise ValueError(f"train.preview_every {self.train.preview_every}: previews sample from text alone, "
                              f"which stage {self.stage!r} cannot (set it 0; sample the cascade with vidiff sample "
                              "--cascade)")
-        if self.stage == "tsr":
-            factor = cascade.frame_factor
-            if factor < 2:
-                raise ValueError(f"stage 'tsr' with cascade.frame_factor {factor}: the condition must have fewer "
-                                 "frames than the output (2 or more)")
-            for frames, height, width in buckets:
-                if frames == 1 or (frames - 1) % (4 * factor):
-                    valid = ", ".join(str(1 + 4 * factor * k) for k in (1, 2, 3))
-                    raise ValueError(f"stage 'tsr': bucket {(frames, height, width)} keeps every {factor}-th frame, "
-                                     "which must leave 1 + 4k frames for the VAE: frames must be "
-                                     f"1 + {4 * factor}k with k >= 1 ({valid}, ...)")
-        if self.stage == "ssr":
-            factor = cascade.spatial_factor
-            if factor < 2:
-                raise ValueError(f"stage 'ssr' with cascade.spatial_factor {factor}: the condition must be smaller "
-                                 "than the output (2 or more)")
-            for frames, height, width in buckets:
-                if height % (8 * factor) or width % (8 * factor):
-                    raise ValueError(f"stage 'ssr': bucket {(frames, height, width)} downsampled {factor}x must "
-                                     f"stay a multiple of 8 (the VAE's factor): height and width must be multiples "
-                                     f"of {8 * factor}")
+        if self.stage == "base":
+            return self
+        key, what = {"tsr": ("frame_factor", "have fewer frames"), "ssr": ("spatial_factor", "be smaller")}[self.stage]
+        factor = getattr(cascade, key)
+        if factor < 2:
+            raise ValueError(f"stage {self.stage!r} with cascade.{key} {factor}: the condition must {what} than the "
+                             "output (2 or more)")
+        for frames, height, width in buckets:
+            if self.stage == "tsr" and (frames == 1 or (frames - 1) % (4 * factor)):
+                valid = ", ".join(str(1 + 4 * factor * k) for k in (1, 2, 3))
+                raise ValueError(f"stage 'tsr': bucket {(frames, height, width)} keeps every {factor}-th frame, "
+                                 "which must leave 1 + 4k frames for the VAE: frames must be "
+                                 f"1 + {4 * factor}k with k >= 1 ({valid}, ...)")
+            if self.stage == "ssr" and (height % (8 * factor) or width % (8 * factor)):
+                raise ValueError(f"stage 'ssr': bucket {(frames, height, width)} downsampled {factor}x must stay a "
+                                 f"multiple of 8 (the VAE's factor): height and width must be multiples of "
+                                 f"{8 * factor}")
         return self
 
     def digest(self) -> str:
