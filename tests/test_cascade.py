@@ -275,10 +275,11 @@ def test_sampling_one_run_still_writes_a_clip_per_prompt(cascade_dir, tmp_path):
     assert _frames(tmp_path / "000_a_red_square_moving_right.mp4") == SIZES["base"]
 
 
-# Image-to-video on a trained base stage (16x16 clips, a PCA VAE, 400 steps): frame 0 of the sampled clip against the
-# given image, mean PSNR over 8 held-out clips. Measured: see I2V_PSNR's comment; the bound sits below the measured
-# value, and above what the same model makes of text alone (its negative control, asserted too).
-I2V_PSNR, I2V_GAIN = 21.0, 3.0
+# Image-to-video on a trained base stage (16x16 clips, a 16-channel PCA VAE, 800 steps): frame 0 of the sampled clip
+# against the given image, mean PSNR over 8 held-out clips. Measured: 20.0 dB with the image, 16.5 dB from text alone
+# (the negative control: the same model and noise without the image), 21.3 dB the VAE's round trip of the images
+# (what no latent model can beat). The bounds leave 1 dB and 1.5 dB of margin.
+I2V_PSNR, I2V_GAIN = 19.0, 2.0
 
 
 @pytest.mark.slow
