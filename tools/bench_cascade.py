@@ -11,10 +11,10 @@ reference is R/dit (the quality recipe, about the cascade's total training time 
 --single-steps a run of configs/bench/shapes_cpu.yaml at that many steps trained here (cache-latents included in
 its minutes) into R/cascade/single. Then vidiff/eval/cascade.py on held-out clips and prompts, sampled with
 configs/cascade/sample.yaml's steps, guidance and augmentation levels.
-Prints one JSON line: per stage its training minutes, frames, size, network evaluations and seconds per clip; the
-tsr and ssr figures beside their baselines; the cascade's and the single-stage model's checker pass rates; the
-training-minute ratio of the two sides (measured in this run, or read from the runs' TensorBoard logs with
---skip-train).
+Prints one JSON line: per stage its training minutes (wall, and CPU minutes of all its processes), frames, size,
+network evaluations and seconds per clip; the tsr and ssr figures beside their baselines; the cascade's and the
+single-stage model's checker pass rates; the training-minute ratio of the two sides, wall and CPU (measured in this
+run; with --skip-train wall minutes read from the runs' TensorBoard logs).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -34,10 +35,18 @@ STAGES = ("base", "tsr", "ssr")
 SINGLE_CONFIG = REPO / "configs/bench/shapes_cpu.yaml"
 
 
-def _run(*cmd: str, env: dict | None = None) -> float:
-    """Run a command from the repository root; minutes taken."""
-    start = time.monotonic()
+CPU_MINUTES: dict[str, float] = {}            # per timed command: user + system CPU minutes of all its processes
+
+
+def _run(*cmd: str, env: dict | None = None, name: str = "") -> float:
+    """Run a command from the repository root; wall minutes taken. Its processes' CPU minutes (every rank and
+    worker, waited for by the launcher) are added to CPU_MINUTES[name]: unlike wall time, they do not grow when
+    something else shares the machine."""
+    start, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(list(cmd), cwd=REPO, check=True, env={**os.environ, **(env or {})})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
+    CPU_MINUTES[name] = CPU_MINUTES.get(name, 0.0) + cpu
     return (time.monotonic() - start) / 60
 
 
@@ -98,7 +107,7 @@ def main() -> None:
         extra = [f"train.steps={steps[name]}", f"train.checkpoint_every={steps[name]}"] if name in steps else []
         minutes[name] = _run("launchers/local.sh", str(REPO / f"configs/cascade/{name}.yaml"), f"out_dir={runs[name]}",
                              f"data.shards={root / 'shards'}", f"vae.checkpoint={root / 'vae'}", *extra,
-                             "--no-resume", env=env)
+                             "--no-resume", env=env, name=name)
     single = root / "dit"
     if args.single_steps:
         single = root / "cascade" / "single"
@@ -108,9 +117,11 @@ def main() -> None:
             common = [f"vae.checkpoint={root / 'vae'}", f"train.steps={args.single_steps}", "data.eval_shards=null",
                       f"train.checkpoint_every={args.single_steps}", "train.eval_every=0"]
             minutes["single"] = _run(*vidiff, "cache-latents", str(SINGLE_CONFIG), f"data.shards={root / 'shards'}",
-                                     *common, "--text", "--windows", "1", "--out", str(root / "cascade/latents"))
+                                     *common, "--text", "--windows", "1", "--out", str(root / "cascade/latents"),
+                                     name="single")
             minutes["single"] += _run("launchers/local.sh", str(SINGLE_CONFIG), f"out_dir={single}",
-                                      f"data.shards={root / 'cascade/latents'}", *common, "--no-resume", env=env)
+                                      f"data.shards={root / 'cascade/latents'}", *common, "--no-resume", env=env,
+                                      name="single")
     else:
         minutes["single"] = logged_minutes(single)
 
@@ -137,8 +148,11 @@ def main() -> None:
         "ssr_pass_rate_beats_bicubic": ssr["ssr"]["pass_rate"] > ssr["bicubic"]["pass_rate"],
     }
     cascade_minutes = sum(minutes[n] for n in STAGES)
+    cpu = {"cpu_minutes": {k: round(v, 1) for k, v in CPU_MINUTES.items()},
+           "cascade_over_single_cpu": round(sum(CPU_MINUTES[n] for n in STAGES) / CPU_MINUTES["single"], 3)} \
+        if "single" in CPU_MINUTES and all(n in CPU_MINUTES for n in STAGES) else {}
     print(json.dumps({"bench": "cascade", **result, "met": met,
-                      "train_minutes": {k: round(v, 1) for k, v in minutes.items()},
+                      "train_minutes": {k: round(v, 1) for k, v in minutes.items()}, **cpu,
                       "cascade_over_single_minutes": round(cascade_minutes / minutes["single"], 3),
                       "eval_minutes": round((time.monotonic() - start) / 60, 1)}))
 
