@@ -37,7 +37,7 @@ STEPS = 20
 # these 20 steps from open gates: at most ~1e-6 relative in loss and gradient norm, and ~1e-6 of a tensor's norm
 # in the final weights. The bounds leave an order of magnitude for other CPUs' kernels; a real error is far
 # larger (halving the QK-norm gradients under AutoTP moved the step-1 gradient norm by 1e-2).
-LOSS_RTOL = GRAD_NORM_RTOL = 1e-5
+LOSS_RTOL = 1e-5                 # and the gradient norm's
 WEIGHT_RTOL = 2e-5
 # bf16 against fp32 over the same 20 steps, measured: the weight update (5% of the weights' norm) differs by 5.5% of
 # its own norm (bf16 rounding of the weights is ~0.4% of each), cosine 0.9985, size ratio 1.001. Before models/init.py,
@@ -106,11 +106,11 @@ def _relative_differences(run, reference, steps: range = range(1, STEPS + 1)) ->
     return out
 
 
-def _assert_trains_like(run, reference) -> None:
+def _assert_trains_like(run, reference, step_rtol: float = LOSS_RTOL, weight_rtol: float = WEIGHT_RTOL) -> None:
     diff = _relative_differences(run, reference)
     print(f"{run.name}: {diff}")
-    assert diff["train/loss"] <= LOSS_RTOL and diff["train/grad_norm"] <= GRAD_NORM_RTOL, diff
-    assert diff["model.safetensors"] <= WEIGHT_RTOL and diff["ema.safetensors"] <= WEIGHT_RTOL, diff
+    assert diff["train/loss"] <= step_rtol and diff["train/grad_norm"] <= step_rtol, diff
+    assert diff["model.safetensors"] <= weight_rtol and diff["ema.safetensors"] <= weight_rtol, diff
     for tag in ("perf/tokens_per_s", "perf/mfu"):
         assert sorted(read_scalars(run, tag)) == list(range(1, STEPS + 1)), tag
     assert 0 < read_scalars(run, "perf/mfu")[STEPS] < 1
@@ -139,7 +139,15 @@ def test_layout_with_buckets_and_images_trains_like_a_single_process(single_proc
 
 # A cascade stage on a layout that splits its condition's path: the base stage with image-to-video and the ssr stage
 # (condition channels into the patch embedding on pipeline stage 0, the augmentation level's embedding into c) over
-# pipeline x tensor, the tsr stage over ZeRO-3 x AutoTP. Each trains on pixel clips, its condition made on the fly.
+# pipeline x tensor, the tsr stage over ZeRO-3 x AutoTP. Each trains on pixel clips, its condition made on the fly,
+# so the frozen VAE's convolutions run in every step, on 1 thread per rank here and 2 in the single process: their
+# inputs differ by fp32 rounding from the first step, which Adam turns into full-size updates of the parameters
+# whose gradient is zero but for rounding (attention key biases). Measured worst of two runs each: loss 2.6e-6,
+# gradient norm 1.3e-5, weights 2.4e-4 (an adaLN bias), against 2e-7, 2e-6 and 4e-6 on latent shards. Bounds: 1e-4
+# on loss and gradient norm, 1e-3 on weights. Negative control (run by hand): the tsr condition's augmentation drawn
+# from the sample's seed plus its data-parallel rank is off by 9.6e-2 in loss, 0.39 in gradient norm and 1.1 in
+# weights (plus its tensor-parallel rank: DeepSpeed's AutoTP stops the run, its data inconsistent within the group).
+CASCADE_LOSS_RTOL, CASCADE_WEIGHT_RTOL = 1e-4, 1e-3
 CASCADE_STAGES = {               # name: (layout, overrides)
     "base-i2v": ("pipeline-pp2-tp2", ["stage=base", "cascade.image_prob=0.5"]),
     "tsr": ("zero3-dp2-tp2", ["stage=tsr"]),
@@ -156,7 +164,8 @@ def test_each_cascade_stage_trains_on_a_layout_like_a_single_process(layouts_dir
     common = [f"data.shards={layouts_dir / 'pixels'}", *stage_overrides]
     _train(layouts_dir, f"{stage}-single", 1, common)
     _train(layouts_dir, f"{stage}-{layout}", ranks, [*common, *layout_overrides])
-    _assert_trains_like(layouts_dir / f"{stage}-{layout}", layouts_dir / f"{stage}-single")
+    _assert_trains_like(layouts_dir / f"{stage}-{layout}", layouts_dir / f"{stage}-single", CASCADE_LOSS_RTOL,
+                        CASCADE_WEIGHT_RTOL)
 
 
 def test_pipeline_layout_resumes_exactly(single_process):
