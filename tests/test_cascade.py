@@ -25,7 +25,7 @@ from vidiff.diffusion.samplers import karras_sigmas, sample_heun
 from vidiff.eval.metrics import psnr
 from vidiff.models.text import TextEncoder
 from vidiff.models.vae import VideoVAE
-from vidiff.sampling import check_chain, load_image_latent
+from vidiff.sampling import check_chain, load_image_latent, load_stage
 from vidiff.train.objectives import build_denoiser, load_denoiser
 
 # (frames, height, width) of each stage's output in the tiny cascade: base 5x16x16 -> tsr 9x16x16 -> ssr 9x32x32.
@@ -159,11 +159,8 @@ def cascade_dir(tmp_path_factory):
 
 def _stages(root, **changes) -> tuple[list[Stage], TextEncoder, VideoVAE]:
     spec = CascadeSampleConfig.model_validate({**yaml.safe_load((root / "sample.yaml").read_text()), **changes})
-    stages, text, vae = [], None, None
-    for name, settings in spec.stages():
-        run_cfg, model, text, vae = load_denoiser(settings.run)
-        stages.append(Stage(name, model, run_cfg, settings))
-    return stages, text, vae
+    loaded = [load_stage(name, spec, torch.device("cpu")) for name, _ in spec.stages()]   # check_chain: not yet
+    return [stage for stage, _, _ in loaded], loaded[0][1], loaded[0][2]
 
 
 def test_the_same_seed_gives_the_same_cascade_and_another_seed_another(cascade_dir):

@@ -18,7 +18,7 @@ from PIL import Image
 from vidiff.config import CascadeSampleConfig, InputError, RunConfig
 from vidiff.data.pipeline import to_model_input, to_uint8
 from vidiff.data.video import ClipError, contact_sheet, decode_image, encode_gif, encode_mp4
-from vidiff.diffusion.cascade import Stage, generate, run_cascade
+from vidiff.diffusion.cascade import Stage, evaluations_per_clip, generate, run_cascade
 from vidiff.models.vae import latent_shape
 from vidiff.train.checkpoint import latest_tag
 from vidiff.train.objectives import load_denoiser
@@ -101,6 +101,14 @@ def load_stage(name: str, cfg: CascadeSampleConfig, device: torch.device):
     return Stage(name, model, run_cfg, settings), text, vae
 
 
+def load_stages(cfg: CascadeSampleConfig, device: torch.device) -> tuple[list[Stage], object, object]:
+    """Every stage of the cascade, checked (load_stage, check_chain) -> (stages, text encoder, VAE)."""
+    loaded = [load_stage(name, cfg, device) for name, _ in cfg.stages()]
+    stages = [stage for stage, _, _ in loaded]
+    check_chain(stages)
+    return stages, loaded[0][1], loaded[0][2]
+
+
 def stage_size(stage: Stage) -> tuple[int, int, int]:
     return stage.run.data.video_shape
 
@@ -174,9 +182,7 @@ def sample_cascade(cfg: CascadeSampleConfig, prompts: list[str], out: Path, imag
                    device: torch.device, rank: int = 0, world: int = 1) -> dict:
     """base -> tsr -> ssr -> VAE decode for this rank's prompts; writes the files above and out/cascade.json (a
     record per stage: frames, size, network evaluations and seconds per clip; world > 1: cascade.rank<r>.json)."""
-    loaded = [load_stage(name, cfg, device) for name, _ in cfg.stages()]
-    stages, text, vae = [s for s, _, _ in loaded], loaded[0][1], loaded[0][2]
-    check_chain(stages)
+    stages, text, vae = load_stages(cfg, device)
     image_latent = load_image_latent(image, stages[0], vae, device) if image is not None else None
     mine = rank_prompts(prompts, rank, world)
     seconds: dict[str, float] = {}
@@ -211,7 +217,7 @@ def sample_cascade(cfg: CascadeSampleConfig, prompts: list[str], out: Path, imag
         {"stage": s.name, "run": s.sample.run, "frames": stage_size(s)[0], "height": stage_size(s)[1],
          "width": stage_size(s)[2], "fps": rates[s.name], "steps": s.sample.steps, "guidance": s.sample.guidance,
          "aug_sigma": s.sample.aug_sigma,
-         "evaluations_per_clip": (2 * s.sample.steps - 1) * (1 if s.sample.guidance == 1 else 2),
+         "evaluations_per_clip": evaluations_per_clip(s.sample.steps, s.sample.guidance),
          "seconds_per_clip": round(seconds.get(s.name, 0.0) / max(len(mine), 1), 3)} for s in stages]}
     if check:
         record["checker_pass_rate"] = passed / max(len(mine), 1)

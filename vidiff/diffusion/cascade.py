@@ -41,10 +41,10 @@ def sample_latents(denoise: Denoiser, encode_text: TextEncode, prompts: list[str
                    shape: tuple[int, ...], steps: int, guidance: float, edm: EDMConfig, S_churn: float = 0.0,
                    cond: dict[str, torch.Tensor] | None = None, stream: int = 0) -> torch.Tensor:
     """Prompts -> latents (B, *shape) by EDM Heun sampling with classifier-free guidance, as one batch on the text
-    encoder's device. cond (a cascade stage's cond and aug) goes to both branches of guidance: guidance steers
-    by the text, a stage always sees its condition."""
-    cond = cond or {}
+    encoder's device. cond (a cascade stage's cond and aug, moved to that device) goes to both branches of
+    guidance: guidance steers by the text, a stage always sees its condition."""
     text, mask = encode_text(prompts)
+    cond = {k: v.to(text.device) for k, v in (cond or {}).items()}
     null_text, null_mask = encode_text([""] * len(prompts))
     denoise_cfg = guided(denoise, {"text": text, "text_mask": mask, **cond},
                          {"text": null_text, "text_mask": null_mask, **cond}, guidance)
@@ -54,10 +54,19 @@ def sample_latents(denoise: Denoiser, encode_text: TextEncode, prompts: list[str
     return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=S_churn)
 
 
-def no_image(batch: int, shape: tuple[int, ...], device) -> dict[str, torch.Tensor]:
-    """An image-to-video base stage's inputs for text alone: no frame given."""
-    given = torch.zeros(batch, dtype=torch.bool, device=device)
-    return {"cond": first_frame_condition(None, given, shape), "aug": torch.zeros(batch, device=device)}
+def evaluations_per_clip(steps: int, guidance: float) -> int:
+    """Network evaluations per clip of a Heun sampler: 2 steps - 1, twice with guidance's unconditional pass."""
+    return (2 * steps - 1) * (1 if guidance == 1 else 2)
+
+
+def image_condition(batch: int, shape: tuple[int, ...], image_latent: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """An image-to-video base stage's inputs: the image's latent (z, h, w) as every sample's first frame, or
+    (None) no frame given: text alone."""
+    device = image_latent.device if image_latent is not None else "cpu"
+    given = torch.full((batch,), image_latent is not None, dtype=torch.bool, device=device)
+    first = image_latent.expand(batch, -1, -1, -1) if image_latent is not None else None
+    return {"cond": first_frame_condition(first, given, shape), "aug": torch.zeros(batch, device=device)}
 
 
 @torch.no_grad()
@@ -72,7 +81,7 @@ def generate(denoise: Denoiser, encode_text: TextEncode, decode: Decode, prompts
     starts = range(0, len(prompts), batch)
     for i in progress(starts, desc="sample", unit="batch", disable=not show_progress or len(starts) == 1):
         chunk = prompts[i:i + batch]
-        cond = no_image(len(chunk), latent_shape, encode_text([""])[0].device) if image_channels else None
+        cond = image_condition(len(chunk), latent_shape) if image_channels else None
         latent = sample_latents(denoise, encode_text, chunk, seeds[i:i + batch], latent_shape, sample.steps,
                                 sample.guidance, edm, sample.S_churn, cond)
         videos += list(decode(latent).clamp(-1, 1))
@@ -94,19 +103,13 @@ class Stage:
 
 
 def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor | None, seeds: list[int],
-                 image_latent: torch.Tensor | None, device) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
+                 image_latent: torch.Tensor | None) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
     """The latent shape a stage samples and its condition inputs: for the base, its bucket (and the image's
     latent in frame 0 where given); for tsr/ssr, the previous stage's latent lifted and augmented."""
     z = vae.cfg.latent_channels
     if stage.name == "base":
         shape = latent_shape(*stage.run.data.video_shape, z)
-        if not stage.takes_image:
-            return shape, {}
-        if image_latent is None:
-            return shape, no_image(len(seeds), shape, device)
-        given = torch.ones(len(seeds), dtype=torch.bool, device=device)
-        return shape, {"cond": first_frame_condition(image_latent.expand(len(seeds), -1, -1, -1), given, shape),
-                       "aug": torch.zeros(len(seeds), device=device)}
+        return shape, image_condition(len(seeds), shape, image_latent) if stage.takes_image else {}
     clean = condition_from_latent(stage.name, stage.run.cascade, vae, previous)
     return tuple(clean.shape[1:]), sampling_condition(clean, stage.sample.aug_sigma, seeds,
                                                       STAGE_STREAMS * index + 1)
@@ -118,12 +121,10 @@ def run_cascade(stages: list[Stage], encode_text: TextEncode, vae: VideoVAE, pro
                 seconds: dict[str, float] | None = None) -> list[torch.Tensor]:
     """Prompts -> each stage's output latents (B, z, T', h, w), base first. image_latent (z, h, w): the first
     frame's latent for an image-to-video base stage. seconds: each stage's wall time is added under its name."""
-    device = encode_text([""])[0].device
     outputs: list[torch.Tensor] = []
     for index, stage in enumerate(stages):
         start = time.perf_counter()
-        shape, cond = stage_inputs(stage, index, vae, outputs[-1] if outputs else None, seeds, image_latent, device)
-        cond = {k: v.to(device) for k, v in cond.items()}
+        shape, cond = stage_inputs(stage, index, vae, outputs[-1] if outputs else None, seeds, image_latent)
         outputs.append(sample_latents(stage.denoise, encode_text, prompts, seeds, shape, stage.sample.steps,
                                       stage.sample.guidance, stage.run.edm, S_churn, cond,
                                       stream=STAGE_STREAMS * index))

@@ -22,12 +22,13 @@ import torch
 
 from vidiff.config import CascadeSampleConfig
 from vidiff.data.pipeline import to_model_input, to_uint8
-from vidiff.diffusion.cascade import STAGE_STREAMS, Stage, generate, run_cascade, sample_latents
-from vidiff.diffusion.conditions import (condition_from_clip, downsample, drop_frames, sampling_condition,
-                                         upsample_frames, upsample_latent_space, upsample_latent_time)
+from vidiff.diffusion.cascade import (STAGE_STREAMS, Stage, evaluations_per_clip, generate, run_cascade,
+                                      sample_latents)
+from vidiff.diffusion.conditions import condition_from_clip, downsample, sampling_condition, upsample_frames
 from vidiff.eval.quality import real_clips, summarize, vae_roundtrip
 from vidiff.eval.shapes import check_clip
-from vidiff.models.vae import VideoVAE, latent_frames, latent_shape
+from vidiff.models.vae import VideoVAE, latent_shape
+from vidiff.sampling import load_stages, side_by_side
 from vidiff.train.objectives import load_denoiser
 
 BATCH = 16
@@ -68,38 +69,28 @@ def _batches(n: int):
 
 @torch.no_grad()
 def super_resolution(stage: Stage, text, vae: VideoVAE, truth: list[np.ndarray], prompts: list[str],
-                     seeds: list[int], device) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The stage fed each true clip's low-frame-rate / low-resolution version (made as in training) -> its
-    outputs, and the condition alone decoded (the latent-space upsampling the stage refines), uint8 clips."""
-    ours, lifted = [], []
-    for part in _batches(len(truth)):
-        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
-        clean = condition_from_clip(stage.name, stage.run.cascade, vae, video)
-        cond = sampling_condition(clean, stage.sample.aug_sigma, seeds[part], STAGE_STREAMS + 1)
-        latent = sample_latents(stage.denoise, text, prompts[part], seeds[part], tuple(clean.shape[1:]),
-                                stage.sample.steps, stage.sample.guidance, stage.run.edm, cond=cond,
-                                stream=STAGE_STREAMS)
-        ours += [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
-        lifted += [to_uint8(v) for v in vae.decode(clean).clamp(-1, 1).float()]
-    return ours, lifted
-
-
-@torch.no_grad()
-def latent_condition(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device) -> list[np.ndarray]:
-    """The cascade without the stage: the low clip's latent upsampled in latent space (tsr: linear in time; ssr:
-    bilinear), decoded."""
+                     seeds: list[int], device, ssr_condition: str | None = None) -> list[np.ndarray]:
+    """The stage fed each true clip's low-frame-rate / low-resolution version (made as in training) -> its output
+    clips (uint8). Given ssr_condition, the condition itself decoded instead, made with it in place of the run's:
+    'latent' is the latent-space upsampling the stage refines (the cascade without the stage)."""
+    cascade = stage.run.cascade.model_copy(update={"ssr_condition": ssr_condition or stage.run.cascade.ssr_condition})
     out = []
     for part in _batches(len(truth)):
         video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
-        cascade = stage.run.cascade
-        if stage.name == "tsr":
-            low = vae.encode(drop_frames(video, cascade.frame_factor))
-            latent = upsample_latent_time(low, latent_frames(video.shape[2]))
-        else:
-            latent = upsample_latent_space(vae.encode(downsample(video, cascade.spatial_factor)),
-                                           cascade.spatial_factor)
+        latent = condition_from_clip(stage.name, cascade, vae, video)
+        if ssr_condition is None:
+            cond = sampling_condition(latent, stage.sample.aug_sigma, seeds[part], STAGE_STREAMS + 1)
+            latent = sample_latents(stage.denoise, text, prompts[part], seeds[part], tuple(latent.shape[1:]),
+                                    stage.sample.steps, stage.sample.guidance, stage.run.edm, cond=cond,
+                                    stream=STAGE_STREAMS)
         out += [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
     return out
+
+
+def latent_condition(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device) -> list[np.ndarray]:
+    """The cascade without the stage: the low clip's latent upsampled in latent space (tsr: linear in time; ssr:
+    bilinear), decoded."""
+    return super_resolution(stage, None, vae, truth, [], [], device, ssr_condition="latent")
 
 
 def tsr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device) -> dict:
@@ -108,7 +99,7 @@ def tsr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, de
     truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
     factor = stage.run.cascade.frame_factor
     low = [v[::factor] for v in truth]
-    ours, _ = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
+    ours = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
     methods = {"tsr": ours, "repeat": [repeat_frames(v, factor) for v in low],
                "linear": [linear_frames(v, factor) for v in low],
                "latent_linear": latent_condition(stage, vae, truth, device),
@@ -126,29 +117,17 @@ def ssr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, de
     for part in _batches(len(truth)):
         video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
         bicubic += [to_uint8(v) for v in upsample_frames(downsample(video, factor), factor)]
-    ours, _ = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
+    ours = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
     methods = {"ssr": ours, "bicubic": bicubic, "latent_bilinear": latent_condition(stage, vae, truth, device),
                "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
     return {"size": [frames, height, width], "clips": len(truth), "ssr_condition": stage.run.cascade.ssr_condition,
             **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
 
 
-def load_stages(spec: CascadeSampleConfig, device) -> tuple[list[Stage], object, VideoVAE]:
-    stages, text, vae = [], None, None
-    for name, settings in spec.stages():
-        run_cfg, model, text, vae = load_denoiser(settings.run, device)
-        stages.append(Stage(name, model, run_cfg, settings))
-    return stages, text, vae
-
-
-def cascade_pass_rate(spec: CascadeSampleConfig, single_run: str | Path, per_combo: int, seed: int, device,
-                      out: Path | None = None) -> dict:
-    """The full cascade and the single-stage model on the held-out prompts (seen and unseen combinations), each
-    prompt from seed + its index; per stage: network evaluations and seconds per clip."""
-    from vidiff.sampling import check_chain, side_by_side
-
-    stages, text, vae = load_stages(spec, device)
-    check_chain(stages)
+def cascade_pass_rate(spec: CascadeSampleConfig, stages: list[Stage], text, vae: VideoVAE, single_run: str | Path,
+                      per_combo: int, seed: int, device, out: Path | None = None) -> dict:
+    """The full cascade (its loaded stages) and the single-stage model on the held-out prompts (seen and unseen
+    combinations), each prompt from seed + its index; per stage: network evaluations and seconds per clip."""
     frames, height, width = stages[-1].run.data.video_shape
     real = real_clips(frames, height, width, per_combo, seed)
     clips, prompts = [c for c, _ in real], [c.caption for c, _ in real]
@@ -189,11 +168,11 @@ def cascade_pass_rate(spec: CascadeSampleConfig, single_run: str | Path, per_com
         "single_stage": split([check_clip(v, p) for v, p in zip(single, prompts)]),
         "stages": [{"stage": s.name, "size": list(s.run.data.video_shape), "steps": s.sample.steps,
                     "guidance": s.sample.guidance, "aug_sigma": s.sample.aug_sigma,
-                    "evaluations_per_clip": (2 * s.sample.steps - 1) * (1 if s.sample.guidance == 1 else 2),
+                    "evaluations_per_clip": evaluations_per_clip(s.sample.steps, s.sample.guidance),
                     "seconds_per_clip": round(seconds[s.name] / n, 3)} for s in stages],
         "single_stage_sampling": {"steps": run_cfg.sample.steps, "guidance": run_cfg.sample.guidance,
-                                  "evaluations_per_clip": (2 * run_cfg.sample.steps - 1)
-                                  * (1 if run_cfg.sample.guidance == 1 else 2),
+                                  "evaluations_per_clip": evaluations_per_clip(run_cfg.sample.steps,
+                                                                               run_cfg.sample.guidance),
                                   "seconds_per_clip": round(single_seconds / n, 3)},
     }
 
@@ -208,5 +187,5 @@ def evaluate_cascade(spec: CascadeSampleConfig, single_run: str | Path, per_comb
         result["tsr"] = tsr_figures(by_name["tsr"], text, vae, per_combo, seed, device)
     if "ssr" in by_name:
         result["ssr"] = ssr_figures(by_name["ssr"], text, vae, per_combo, seed, device)
-    result["cascade"] = cascade_pass_rate(spec, single_run, per_combo, seed, device, out)
+    result["cascade"] = cascade_pass_rate(spec, stages, text, vae, single_run, per_combo, seed, device, out)
     return result
