@@ -354,18 +354,25 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except InputError as exc:                       # bad shards, checkpoint or model files: one message
         print(f"vidiff {args.command}: {exc}", file=sys.stderr)
-        _exit_bad_input()
+        _exit(EXIT_BAD_CONFIG)
+    _exit(0, together=True)
 
 
-def _exit_bad_input() -> None:
-    """Exit 2. With a process group up, skip interpreter teardown: destroying a gloo group whose peers are
-    leaving too can abort in C++ ("terminate called", exit 250), which would hide the status."""
+def _exit(status: int, together: bool = False) -> None:
+    """End the command with status. With a process group up, skip interpreter teardown: a gloo group torn down
+    at interpreter exit can abort in C++ ("terminate called without an active exception": exit 250, or signal 6
+    through the launcher), which would hide the status. CI saw it after an input error and after a healthy
+    `vidiff doctor`. together: every rank waits for the others first (a rank leaving while a peer is still in a
+    collective would fail that peer). Without a process group a success just returns."""
     torch_dist = sys.modules.get("torch.distributed")
     if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        if together:
+            torch_dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_BAD_CONFIG)
-    sys.exit(EXIT_BAD_CONFIG)
+        os._exit(status)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
