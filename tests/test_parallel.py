@@ -19,7 +19,7 @@ from vidiff.diffusion.edm import edm_loss
 from vidiff.models.dit import DiTBlock, count_parameters, rope_sequences
 from vidiff.models.vae import VideoVAE
 from vidiff.parallel.deepspeed import deepspeed_config
-from vidiff.parallel.layout import make_layout
+from vidiff.parallel.layout import LayoutError, make_layout
 from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.parallel.tensor import split_block, split_dim
 from vidiff.train.objectives import build_denoiser
@@ -34,7 +34,8 @@ def _cfg(*overrides: str) -> RunConfig:
 
 
 @pytest.mark.parametrize("world, overrides, needles", [
-    (6, ["parallel.tensor=4"], ["world size 6", "tensor x parallel.pipeline = 4 x 1 = 4", "multiples of 4"]),
+    (6, ["parallel.tensor=4"],
+     ["world size 6", "parallel.tensor x parallel.pipeline x parallel.sequence = 4 x 1 x 1 = 4", "multiples of 4"]),
     (4, ["parallel.tensor=4", "model.num_heads=2", "model.hidden_size=64"],
      ["model.num_heads 2 is not divisible by parallel.tensor 4", "valid tensor sizes for 2 heads: 1, 2"]),
     (4, ["parallel.pipeline=4", "model.depth=3"], ["model.depth 3 < parallel.pipeline 4", "1 to 3"]),
@@ -53,8 +54,48 @@ def test_layout_sizes_and_rank_coordinates():
     assert (layout.data, layout.accumulation, layout.kind) == (2, 4, "pipeline")
     # DeepSpeed's pipe x data x model order: tensor-parallel ranks adjacent, then data, then stages.
     assert [layout.coordinates(r) for r in range(8)] == [
-        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1),
+        (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)]
     assert make_layout(_cfg(), world=3).accumulation == 1          # default global batch: one micro-batch each
+
+
+def test_sequence_layout_sizes_groups_and_coordinates():
+    layout = make_layout(_cfg("parallel.tensor=2", "parallel.sequence=2", "data.buckets=[[13,32,32]]"), world=8)
+    assert (layout.data, layout.sequence, layout.accumulation) == (2, 2, 1)
+    # (stage, data, sequence, tensor): tensor ranks adjacent, then sequence, then data
+    assert [layout.coordinates(r) for r in range(8)] == [
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1),
+        (0, 1, 0, 0), (0, 1, 0, 1), (0, 1, 1, 0), (0, 1, 1, 1)]
+    assert layout.sequence_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    for group in layout.sequence_groups():          # one data and tensor rank per group, every sequence rank
+        assert len({layout.coordinates(r).data for r in group}) == 1
+        assert sorted(layout.coordinates(r).sequence for r in group) == [0, 1]
+
+
+@pytest.mark.parametrize("overrides, world, needles", [
+    (("parallel.sequence=2", "data.buckets=[[13,32,32]]"), 3, ["world size 3", "multiples of 2"]),
+    (("parallel.sequence=2", "data.buckets=[[13,32,32],[1,32,32]]"), 2,
+     ["bucket (1, 32, 32) has 1 latent frames", "not divisible by parallel.sequence 2", "5, 13, 21"]),
+    (("parallel.sequence=2", "data.buckets=[[13,24,24]]", "model.patch_size=[1,1,1]"), 2,
+     ["9 latent positions", "dsp splits them"]),
+    (("parallel.sequence=2", "data.buckets=[[13,32,32]]", "model.attention=full"), 2,
+     ["sequence_mode dsp with model.attention full", "use sequence_mode: ulysses"]),
+    (("parallel.sequence=4", "parallel.sequence_mode=ulysses", "data.buckets=[[13,32,32]]", "model.num_heads=2"),
+     4, ["splits each tensor rank's 2 heads", "valid sequence sizes: 1, 2"]),
+    (("parallel.sequence=2", "task=vae", "data.buckets=[[13,32,32]]"), 2, ["task 'vae' trains the VAE"]),
+])
+def test_sequence_layout_errors_name_the_value_and_what_is_valid(overrides, world, needles):
+    with pytest.raises(LayoutError) as info:
+        make_layout(_cfg(*overrides), world)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_sequence_needs_the_sharded_layout_and_eager_blocks():
+    with pytest.raises(ConfigError, match="sequence parallelism runs in the sharded layout"):
+        _cfg("parallel.sequence=2", "parallel.pipeline=2")
+    with pytest.raises(ConfigError, match="compile with sequence 2"):
+        _cfg("parallel.sequence=2", "parallel.compile=true", "parallel.zero_stage=2")
 
 
 def test_the_old_batch_size_key_says_where_it_went():

@@ -216,6 +216,12 @@ class ParallelConfig(_Section):
     pipeline > 1: the pipeline layout (PipelineModule, explicit tensor-parallel layers, ZeRO-1)."""
     tensor: int = Field(1, ge=1)              # tensor-parallel ranks (split attention heads and MLP width)
     pipeline: int = Field(1, ge=1)            # pipeline stages (DiT blocks split over them)
+    # sequence-parallel ranks: each holds 1/sequence of every clip's latent frames (the sharded layout; long clips)
+    sequence: int = Field(1, ge=1)
+    # dsp: spatial attention local, one all-to-all to positions around temporal attention (factorized model);
+    # ulysses: DeepSpeed's DistributedAttention (heads split, whole sequence) around every attention that
+    # crosses frames (either model mode: full attention needs it)
+    sequence_mode: Literal["dsp", "ulysses"] = "dsp"
     micro_batch: int = Field(2, ge=1)         # clips per data-parallel rank per micro-step (first bucket)
     global_batch: int | None = Field(None, ge=1)   # clips per optimizer step over all ranks (default: one
                                               # micro-batch per data-parallel rank); accumulation is derived
@@ -246,6 +252,16 @@ class ParallelConfig(_Section):
                              "ZeRO stage 1 (DeepSpeed's pipeline engine refuses 2 and 3, and with 0 its gradient "
                              "clipping misses later stages' parameters); use pipeline: 1 (the sharded layout) for "
                              "ZeRO-2/3")
+        return self
+
+    @model_validator(mode="after")
+    def _sequence_layout(self) -> "ParallelConfig":
+        if self.sequence > 1 and self.layout == "pipeline":
+            raise ValueError(f"sequence {self.sequence} with pipeline {self.pipeline}: sequence parallelism runs in "
+                             "the sharded layout (pipeline: 1, ZeRO with or without tensor parallelism)")
+        if self.sequence > 1 and self.compile:
+            raise ValueError(f"compile with sequence {self.sequence}: the blocks' all-to-alls run eagerly; set "
+                             "compile: false")
         return self
 
     @model_validator(mode="after")

@@ -7,11 +7,11 @@ Projection names (q, k, v, out) are what tensor parallelism matches: q/k/v split
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from vidiff.models.init import xavier_uniform_
+from vidiff.models.sequence import Core, sdpa
 
 # Rotations by angle as (cos, sin) pairs, real (..., N, head_dim / 2, 2), broadcastable over (B, heads, N, d/2, 2):
 # real rather than complex so that torch.compile generates code for them (it has none for complex operators).
@@ -83,6 +83,7 @@ class Attention(nn.Module):
         self.out = Linear(dim, dim, zero=zero_out)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.core: Core = sdpa                  # sequence parallelism (ulysses) wraps it: models/sequence.py
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: Rope | None = None) -> torch.Tensor:
@@ -96,5 +97,5 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         attn_mask = None if mask is None else mask[:, None, None, :]        # (B, 1, 1, L)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)   # (B, h, N, d)
+        o = self.core(q, k, v, attn_mask)                                  # (B, h, N, d)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))

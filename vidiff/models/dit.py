@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vidiff.config import PRESETS, DiTConfig
 from vidiff.models.attention import Attention, Linear, Rope, rope_3d
+from vidiff.models.sequence import WHOLE, Whole, sdpa
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -54,21 +55,26 @@ TEMPORAL = ("b t n d -> (b n) t d", "(b n) t d -> b t n d")       # across frame
 FULL = ("b t n d -> b (t n) d", "b (t n) d -> b t n d")           # all tokens (and cross attention's queries)
 
 
-def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int, device) -> tuple[Rope, Rope]:
-    """RoPE rotations laid out like the spatial and temporal attention's sequences: (B*T or 1, 1, N or T*N, d/2, 2)
-    and (B*N or 1, 1, T or T*N, d/2, 2). Each token keeps its true (t, h, w) coordinates in every layout."""
+def rope_sequences(T: int, H: int, W: int, head_dim: int, full: bool, batch: int, device,
+                   sequence: Whole = WHOLE) -> tuple[Rope, Rope]:
+    """RoPE rotations laid out like the spatial and temporal attention's sequences on this rank: (B*T or 1, 1, N or
+    T*N, d/2, 2) and (B*N or 1, 1, T or T*N, d/2, 2), T and N this rank's share under sequence parallelism (its
+    frames; around dsp's temporal attention, its positions). Each token keeps its true (t, h, w) coordinates."""
     rope = rope_3d(T, H, W, head_dim, device)                               # (T, N, d/2, 2)
+    mine = rope[sequence.frames(T)]
     if full:
-        flat = rope.flatten(0, 1)[None, None]
+        flat = mine.flatten(0, 1)[None, None]
         return flat, flat
-    per_batch = rope[None].expand(batch, -1, -1, -1, -1)
-    return (rearrange(per_batch, "b t n d two -> (b t) n d two")[:, None],
-            rearrange(per_batch, "b t n d two -> (b n) t d two")[:, None])
+    frames, positions = sequence.temporal_grid(T, H * W)
+    return (rearrange(mine[None].expand(batch, -1, -1, -1, -1), "b t n d two -> (b t) n d two")[:, None],
+            rearrange(rope[frames, positions][None].expand(batch, -1, -1, -1, -1),
+                      "b t n d two -> (b n) t d two")[:, None])
 
 
-def block_ropes(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, device) -> tuple[Rope, Rope]:
+def block_ropes(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, device,
+                sequence: Whole = WHOLE) -> tuple[Rope, Rope]:
     """The DiT blocks' RoPE rotations (spatial, temporal) for a token grid (T', H', W')."""
-    return rope_sequences(*grid, cfg.hidden_size // cfg.num_heads, cfg.attention == "full", batch, device)
+    return rope_sequences(*grid, cfg.hidden_size // cfg.num_heads, cfg.attention == "full", batch, device, sequence)
 
 
 class DiTBlock(nn.Module):
@@ -88,10 +94,18 @@ class DiTBlock(nn.Module):
         self.norm_m = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.adaLN = nn.Sequential(nn.SiLU(), Linear(dim, 9 * dim, zero=zero_init))   # adaLN-Zero: gates start at 0
+        self.sequence: Whole = WHOLE
+
+    def split_sequence(self, sequence: Whole) -> None:
+        """Run on this rank's share of the tokens (models/sequence.py): temporal attention always crosses frames,
+        spatial attention only when full."""
+        self.sequence = sequence
+        self.attn_s.core = sequence.exchange(sdpa, crosses_frames=self.full)
+        self.attn_t.core = sequence.exchange(sdpa, crosses_frames=True)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 rope_s: Rope, rope_t: Rope) -> torch.Tensor:
-        B, T, N, D = x.shape                                                # (B, T, N, D)
+        B, T, N, D = x.shape                                                # (B, T, N, D): this rank's frames
         (shift_s, scale_s, gate_s, shift_t, scale_t, gate_t,
          shift_m, scale_m, gate_m) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)   # each (B, 1, 1, D)
         (to_s, from_s), (to_t, from_t) = (FULL, FULL) if self.full else (SPATIAL, TEMPORAL)
@@ -99,8 +113,9 @@ class DiTBlock(nn.Module):
         h = rearrange(modulate(self.norm_s(x), shift_s, scale_s), to_s)
         x = x + gate_s * rearrange(self.attn_s(h, rope=rope_s), from_s, b=B, t=T)
 
-        h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), to_t)
-        x = x + gate_t * rearrange(self.attn_t(h, rope=rope_t), from_t, b=B, t=T)
+        h = self.sequence.to_positions(modulate(self.norm_t(x), shift_t, scale_t))   # dsp: (B, T * P, N / P, D)
+        h = rearrange(self.attn_t(rearrange(h, to_t), rope=rope_t), from_t, b=B, t=h.shape[1])
+        x = x + gate_t * self.sequence.to_frames(h)
 
         h = rearrange(self.norm_x(x), FULL[0])
         x = x + rearrange(self.cross(h, text, text_mask), FULL[1], b=B, t=T)
@@ -146,6 +161,7 @@ class Embed(nn.Module):
         super().__init__()
         D, (pt, ph, pw) = cfg.hidden_size, cfg.patch_size
         self.patch, self.cond_channels = cfg.patch_size, cond_channels
+        self.sequence: Whole = WHOLE              # under sequence parallelism, this rank embeds its frames only
         self.x_embed = Linear((in_channels + cond_channels) * pt * ph * pw, D)
         self.noise_embed = NoiseEmbedding(D)
         # Cascaded diffusion (Ho et al. 2022): the condition's noise-augmentation level, embedded like c_noise
@@ -164,7 +180,8 @@ class Embed(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 cond: torch.Tensor | None = None, aug: torch.Tensor | None = None):
         """x (B, C, T, H, W), cond (B, C_cond, T, H, W) and aug (B,) for a stage with condition channels
-        -> tokens (B, T', N, D), c (B, D), context (B, 1 + L, D), mask (B, 1 + L), grid (T', H', W')."""
+        -> tokens (B, T', N, D) (this rank's frames), c (B, D), context (B, 1 + L, D), mask (B, 1 + L), grid
+        (T', H', W') of the whole clip."""
         dtype = self.x_embed.weight.dtype                                   # bf16 runs: inputs follow the weights
         if (cond is None) != (self.aug_embed is None) or (cond is None) != (aug is None):
             raise ValueError(f"this DiT has {self.cond_channels} condition channels: give cond (B, "
@@ -172,6 +189,7 @@ class Embed(nn.Module):
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)                    # (B, C + C_cond, T, H, W)
         tokens, grid = patchify(x.to(dtype), self.patch)
+        tokens = tokens[:, self.sequence.frames(grid[0])]
         text, text_mask = self.with_null_text(text.to(dtype), text_mask)
         mask = text_mask.to(dtype)[..., None]                               # (B, L, 1)
         pooled = (text * mask).sum(1) / mask.sum(1)                         # (B, Dt)
@@ -202,6 +220,14 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, full, cfg.zero_init)
                                      for _ in range(cfg.depth)])
         self.final = FinalLayer(D, in_channels * math.prod(cfg.patch_size), cfg.zero_init)
+        self.sequence: Whole = WHOLE
+
+    def split_sequence(self, sequence: Whole) -> None:
+        """Hold 1/sequence.size of every clip's latent frames on this rank (parallel/sequence.py): the input and
+        output stay whole clips, identical on every rank of the group."""
+        self.sequence = self.embed.sequence = sequence
+        for block in self.blocks:
+            block.split_sequence(sequence)
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place (parameter names unchanged): regional compilation, in which the
@@ -212,13 +238,14 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 cond: torch.Tensor | None = None, aug: torch.Tensor | None = None) -> torch.Tensor:
         x, c, context, text_mask, grid = self.embed(x, c_noise, text, text_mask, cond, aug)   # x (B, T', N, D)
-        rope_s, rope_t = block_ropes(self.cfg, grid, x.shape[0], x.device)
+        rope_s, rope_t = block_ropes(self.cfg, grid, x.shape[0], x.device, self.sequence)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, context, text_mask, rope_s, rope_t, use_reentrant=False)
             else:
                 x = block(x, c, context, text_mask, rope_s, rope_t)
-        return unpatchify(self.final(x, c), grid, self.cfg.patch_size)   # (B, C, T, H, W)
+        out = self.sequence.gather_frames(self.final(x, c))                # (B, T', N, C pt ph pw)
+        return unpatchify(out, grid, self.cfg.patch_size)                  # (B, C, T, H, W)
 
 
 def count_parameters(module: nn.Module) -> int:

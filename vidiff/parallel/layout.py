@@ -1,16 +1,20 @@
-"""Where each rank sits: data x pipeline x tensor parallel sizes from the config and the world size, checked
-before any process group exists (the launcher runs the same check before it starts a process).
+"""Where each rank sits: data x pipeline x tensor parallel sizes (x sequence in the sharded layout) from the config
+and the world size, checked before any process group exists (the launcher runs the same check before it starts a
+process).
 
 Rank order follows DeepSpeed's topologies: tensor-parallel ranks are adjacent (rank = ((pipe * data) + dp) *
-tensor + tp in the pipeline layout; dp * tensor + tp in the sharded one), so a tensor-parallel group shares a
-node. Every tensor-parallel rank of a data-parallel slot reads the same batch.
+tensor + tp in the pipeline layout; (dp * sequence + sp) * tensor + tp in the sharded one), so a tensor-parallel
+group shares a node, and then a sequence group. Every tensor- and sequence-parallel rank of a data-parallel slot
+reads the same batch. ZeRO's data-parallel group (all ranks of one tensor rank) spans data x sequence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from vidiff.config import ConfigError, RunConfig
+from vidiff.data.buckets import SPATIAL_FACTOR, TEMPORAL_FACTOR
 
 
 class LayoutError(ConfigError):
@@ -21,6 +25,13 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+class Coordinates(NamedTuple):
+    stage: int                    # pipeline stage
+    data: int                     # data-parallel rank: which batches it reads
+    sequence: int                 # sequence-parallel rank: which latent frames of them it holds
+    tensor: int                   # tensor-parallel rank
+
+
 @dataclass(frozen=True)
 class Layout:
     world: int
@@ -29,37 +40,50 @@ class Layout:
     micro_batch: int
     global_batch: int
     kind: str                     # "sharded" | "pipeline" (the rule lives in ParallelConfig.layout)
+    sequence: int = 1
 
     @property
     def data(self) -> int:
         """Data-parallel replicas."""
-        return self.world // (self.tensor * self.pipeline)
+        return self.world // (self.tensor * self.pipeline * self.sequence)
 
     @property
     def accumulation(self) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         return self.global_batch // (self.micro_batch * self.data)
 
-    def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """(pipeline stage, data-parallel rank, tensor-parallel rank) of a global rank."""
+    def coordinates(self, rank: int) -> Coordinates:
+        """Where a global rank sits."""
         tp = rank % self.tensor
-        dp = rank // self.tensor % self.data
-        return rank // (self.tensor * self.data), dp, tp
+        sp = rank // self.tensor % self.sequence
+        dp = rank // (self.tensor * self.sequence) % self.data
+        return Coordinates(rank // (self.tensor * self.sequence * self.data), dp, sp, tp)
+
+    def sequence_groups(self) -> list[list[int]]:
+        """The ranks of each sequence group (one data rank and tensor rank, every sequence rank), in an order
+        every rank can create them in."""
+        step = self.tensor
+        return [[(dp * self.sequence + sp) * step + tp for sp in range(self.sequence)]
+                for dp in range(self.data) for tp in range(self.tensor)]
 
     def describe(self) -> str:
+        sequence = f" x sequence {self.sequence}" if self.sequence > 1 else ""
         return (f"{self.kind} layout: world {self.world} = data {self.data} x pipeline {self.pipeline} x tensor "
-                f"{self.tensor}; global batch {self.global_batch} = micro {self.micro_batch} x data {self.data} x "
-                f"accumulation {self.accumulation}")
+                f"{self.tensor}{sequence}; global batch {self.global_batch} = micro {self.micro_batch} x data "
+                f"{self.data} x accumulation {self.accumulation}")
 
 
 def make_layout(cfg: RunConfig, world: int) -> Layout:
     """The layout of cfg on `world` ranks; raises LayoutError naming the bad value and what is valid."""
     par, model = cfg.parallel, cfg.model
     errors = []
-    model_parallel = par.tensor * par.pipeline
+    model_parallel = par.tensor * par.pipeline * par.sequence
     if world % model_parallel:
-        errors.append(f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {par.tensor} x "
-                      f"{par.pipeline} = {model_parallel}; valid world sizes are multiples of {model_parallel}")
+        errors.append(f"world size {world} is not divisible by parallel.tensor x parallel.pipeline x parallel.sequence "
+                      f"= {par.tensor} x {par.pipeline} x {par.sequence} = {model_parallel}; valid world sizes are "
+                      f"multiples of {model_parallel}")
+    if par.sequence > 1:
+        errors += sequence_problems(cfg)
     if cfg.task == "dit":
         if model.num_heads % par.tensor:
             errors.append(f"model.num_heads {model.num_heads} is not divisible by parallel.tensor {par.tensor}; "
@@ -80,4 +104,38 @@ def make_layout(cfg: RunConfig, world: int) -> Layout:
         raise LayoutError(
             f"parallel.global_batch {global_batch} is not divisible by parallel.micro_batch x data-parallel ranks = "
             f"{par.micro_batch} x {data} = {per_step}; valid global batches are multiples of {per_step}")
-    return Layout(world, par.tensor, par.pipeline, par.micro_batch, global_batch, par.layout)
+    return Layout(world, par.tensor, par.pipeline, par.micro_batch, global_batch, par.layout, par.sequence)
+
+
+def sequence_problems(cfg: RunConfig) -> list[str]:
+    """Why the run's clips or model cannot be split over parallel.sequence ranks (none: they can). Every bucket's
+    latent frames after patchify split into equal parts; dsp also switches to an equal share of the H'W'
+    positions, ulysses to an equal share of every tensor rank's heads; full attention needs ulysses."""
+    par, model = cfg.parallel, cfg.model
+    n = par.sequence
+    if cfg.task != "dit":
+        return [f"parallel.sequence {n}: sequence parallelism splits the DiT's tokens; task {cfg.task!r} trains "
+                "the VAE (set parallel.sequence 1)"]
+    problems = []
+    if model.attention == "full" and par.sequence_mode == "dsp":
+        problems.append("parallel.sequence_mode dsp with model.attention full: dsp keeps spatial attention within "
+                        "a rank's frames, which full attention crosses; use sequence_mode: ulysses")
+    pt, ph, pw = model.patch_size
+    for frames, height, width in cfg.data.buckets:
+        T = (1 + (frames - 1) // TEMPORAL_FACTOR) // pt
+        positions = (height // SPATIAL_FACTOR // ph) * (width // SPATIAL_FACTOR // pw)
+        if T % n:
+            valid = ", ".join(str(1 + TEMPORAL_FACTOR * (pt * n * k - 1)) for k in (1, 2, 3))
+            problems.append(f"bucket {(frames, height, width)} has {T} latent frames after patchify, not divisible by "
+                            f"parallel.sequence {n}; frames that split into {n}: {valid}, ... (images cannot be "
+                            "split: no 1-frame buckets with sequence parallelism)")
+        if par.sequence_mode == "dsp" and positions % n:
+            problems.append(f"bucket {(frames, height, width)} has {positions} latent positions (H'W') after "
+                            f"patchify, not divisible by parallel.sequence {n} (dsp splits them around temporal "
+                            "attention)")
+    heads = model.num_heads // max(1, par.tensor)
+    if par.sequence_mode == "ulysses" and heads % n:
+        problems.append(f"parallel.sequence_mode ulysses splits each tensor rank's {heads} heads (model.num_heads "
+                        f"{model.num_heads} / tensor {par.tensor}) over parallel.sequence {n}: not divisible; valid "
+                        f"sequence sizes: {_divisors(heads)}")
+    return problems

@@ -110,7 +110,7 @@ def build_pipeline_engine(cfg: RunConfig, layout: Layout, build_model, ds_config
     topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
     rank = dist.get_rank()
     tp_group = tensor_group(topology, rank)
-    tp_rank = layout.coordinates(rank)[2]
+    tp_rank = layout.coordinates(rank).tensor
     model = build_model()                 # Precond(DiT): the whole model, from the run seed
     dit, sigma_data = model.net, model.sigma_data
     specs = [LayerSpec(EmbedLayer, dit.embed, sigma_data),
@@ -164,7 +164,7 @@ def export_pipeline(engine, path: Path, layout: Layout) -> None:
     """Write the whole model's weights to path (every rank calls): tensor-parallel slices are joined within
     each stage, each stage's first rank writes a part, rank 0 merges the parts."""
     rank = dist.get_rank()
-    stage, dp, tp = layout.coordinates(rank)
+    stage, dp, _, tp = layout.coordinates(rank)
     depth = engine.module.num_blocks
     state = {}
     for name, tensor in engine.module.state_dict().items():

@@ -1,10 +1,12 @@
 """Where a run starts, and restoring a checkpoint into a new engine, on its own topology or on another one.
 
-A checkpoint records its topology (layout kind, data / tensor / pipeline sizes, micro-batch, accumulation). On the
-same data / tensor / pipeline sizes DeepSpeed loads its own files. On others, the checkpoint is converted once into
-DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`, rank 0, into the tag folder, reused by later
-starts) and loaded from it; the EMA is cut from the gathered `ema.safetensors` into this rank's part. The data
-position, the LR schedule's step and the objective's state are layout-independent already.
+A checkpoint records its topology (layout kind, data / tensor / pipeline / sequence sizes, micro-batch,
+accumulation). On the same ZeRO partition (data x sequence ranks) and tensor / pipeline sizes DeepSpeed loads its
+own files: the sequence size alone can change (the weights and optimizer state do not depend on it). On others, the
+checkpoint is converted once into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`, rank 0, into
+the tag folder, reused by later starts) and loaded from it; the EMA is cut from the gathered `ema.safetensors` into
+this rank's part. The data position, the LR schedule's step and the objective's state are layout-independent
+already.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ RESUME_LATEST, RESUME_NONE = "latest", "none"
 def topology(layout: Layout, zero: int) -> dict:
     """What a checkpoint's files depend on, and what a resume keeps (the global batch)."""
     return {"kind": layout.kind, "zero": zero, "world": layout.world, "data": layout.data, "tensor": layout.tensor,
-            "pipeline": layout.pipeline, "micro_batch": layout.micro_batch, "accumulation": layout.accumulation,
-            "global_batch": layout.global_batch}
+            "pipeline": layout.pipeline, "sequence": layout.sequence, "micro_batch": layout.micro_batch,
+            "accumulation": layout.accumulation, "global_batch": layout.global_batch}
 
 
 def saved_topology(state: dict) -> dict:
@@ -73,7 +75,7 @@ def keep_global_batch(cfg: RunConfig, resume: str | None, world: int) -> RunConf
     if tag is None or par.global_batch is not None:
         return cfg
     batch = saved_topology(read_state(tag))["global_batch"]
-    if batch == par.micro_batch * max(1, world // (par.tensor * par.pipeline)):
+    if batch == par.micro_batch * max(1, world // (par.tensor * par.pipeline * par.sequence)):
         return cfg
     return cfg.model_copy(update={"parallel": par.model_copy(update={"global_batch": batch})})
 
@@ -90,8 +92,9 @@ def check_topology_change(saved: dict, current: dict) -> str | None:
     its own model-state file names), ZeRO-0 (no universal format), tensor parallelism in the sharded layout below
     ZeRO-3 (AutoTP's own universal metadata)."""
     keys = ("kind", "zero", "data", "tensor", "pipeline")
-    saved = {"zero": current["zero"], **saved}        # checkpoints from before the stage was recorded
-    if all(saved[k] == current[k] for k in keys):
+    saved = {"zero": current["zero"], "sequence": 1, **saved}   # checkpoints from before these were recorded
+    zero_ranks = saved["data"] * saved["sequence"] == current["data"] * current.get("sequence", 1)
+    if all(saved[k] == current[k] for k in keys if k != "data") and zero_ranks:
         return None
     change = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in keys if saved[k] != current[k])
     supported = "other data, tensor and pipeline sizes in the pipeline layout, other data and tensor sizes in the " \
@@ -105,8 +108,9 @@ def check_topology_change(saved: dict, current: dict) -> str | None:
 
 
 def describe(topo: dict) -> str:
+    sequence = f" x sequence {topo['sequence']}" if topo.get("sequence", 1) > 1 else ""
     return (f"the {topo['kind']} layout (ZeRO {topo['zero']}, data {topo['data']} x tensor {topo['tensor']} x "
-            f"pipeline {topo['pipeline']})")
+            f"pipeline {topo['pipeline']}{sequence})")
 
 
 def local_part(name: str, param: torch.nn.Parameter, full: torch.Tensor, layout: Layout, tp_rank: int) -> torch.Tensor:

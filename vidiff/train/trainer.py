@@ -27,6 +27,7 @@ from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
 from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, observe_pipeline_losses, pipeline_step
+from vidiff.parallel.sequence import sequence_split
 from vidiff.parallel.sharded import build_sharded_engine
 from vidiff.train import checkpoint, preflight
 from vidiff.train.checkpoint import CONFIG_NAME
@@ -169,7 +170,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
 
     The loss of a step is the mean of the per-sample losses over the usable samples of the global batch (what
     train/loss logs): each micro-batch's backward gets the sum of its per-sample losses times accumulation x
-    data / usable, because DeepSpeed divides by the accumulation and averages over data-parallel ranks. A
+    data x sequence / usable, because DeepSpeed divides by the accumulation and averages over its data-parallel
+    ranks (data x sequence). A
     micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples. A step
     whose gradient norm is not finite is not applied (DeepSpeed's overflow path: no update, no LR step) and is
     counted; train.nonfinite_patience of them in a row reload the last checkpoint, and again stop the run."""
@@ -201,12 +203,15 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
         parameters = count_parameters(objective.build_model())
     if rank == 0:
         print(f"{cfg.task} model: {parameters / 1e6:.1f}M parameters; {layout.describe()}")
+    if layout.sequence > 1:                         # every rank creates every sequence group
+        engine.module.net.split_sequence(sequence_split(layout, rank, cfg.parallel.sequence_mode))
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-    stage, dp_rank, tp_rank = layout.coordinates(rank)
-    # Every rank of a tensor-parallel group sees the same data (and every stage of a pipeline the same
-    # micro-batches): samples, losses and throughput are summed over one rank each.
-    counts_once = 1.0 if stage == 0 and tp_rank == 0 else 0.0
+    stage, dp_rank, sp_rank, tp_rank = layout.coordinates(rank)
+    # Every rank of a tensor- or sequence-parallel group sees the same data (and every stage of a pipeline the same
+    # micro-batches): samples, losses and throughput (each token once per sequence group) are summed over one rank
+    # each.
+    counts_once = 1.0 if stage == 0 and tp_rank == 0 and sp_rank == 0 else 0.0
     loader = ShardLoader(cfg.data, dp_rank, layout.data, cfg.seed, batch_size=layout.micro_batch,
                          accumulation=layout.accumulation)
     ledger = Ledger(run_dir, rank, world, enabled=cfg.train.ledger and counts_once > 0)
@@ -243,7 +248,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
         seeds = [sample_seeds(cfg.seed, step, j * layout.data + dp_rank, len(b["caption"]))
                  for j, b in enumerate(micro_batches)]
         usable, = _sum_over_ranks([counts_once * sum(len(b["key"]) for b in micro_batches)], device)
-        scale = layout.accumulation * layout.data / usable if usable else 0.0
+        # DeepSpeed averages gradients over its data-parallel group, data x sequence ranks; a sequence group's
+        # gradients are parts of one sum (parallel/sequence.py), hence the factor layout.sequence
+        scale = layout.accumulation * layout.data * layout.sequence / usable if usable else 0.0
         weights = [sample_weights(b, scale, device) for b in micro_batches]
         extra: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # this rank's usable per-sample losses
