@@ -197,6 +197,9 @@ def test_sequence_parallel_layout_trains_like_a_single_process(single_process_lo
     root = single_process_long.parent
     _train(root, name, ranks, [f"data.shards={root / 'long'}", *LONG, *overrides])
     _assert_trains_like(root / name, single_process_long)
+    tokens_per_s, seconds = (read_scalars(root / name, tag) for tag in ("perf/tokens_per_s", "perf/step_seconds"))
+    for step in (1, STEPS):                         # 8 clips of 4 x 2 x 2 tokens, each counted once per group
+        assert tokens_per_s[step] * seconds[step] == pytest.approx(8 * 16, rel=1e-6)
 
 
 def test_a_sequence_parallel_checkpoint_resumes_without_sequence_parallelism(single_process_long):
