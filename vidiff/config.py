@@ -365,6 +365,11 @@ class RunConfig(_Section):
                                  f"{8 * factor}")
         return self
 
+    @property
+    def takes_image(self) -> bool:
+        """An image-to-video base stage: trained with a first-frame condition some of the time."""
+        return self.stage == "base" and self.cascade.image_prob > 0
+
     def digest(self) -> str:
         """Short hash of the resolved config, stored with each checkpoint."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]

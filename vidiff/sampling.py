@@ -63,7 +63,7 @@ def sample_run(cfg: RunConfig, run_dir: Path, prompts: list[str], out: Path | No
     mine = rank_prompts(prompts, rank, world)
     seeds = [cfg.sample.seed + i for i in mine]
     videos = generate(model, text, vae.decode, [prompts[i] for i in mine], shape, cfg.sample, run_cfg.edm, seeds,
-                      image_channels=run_cfg.cascade.image_prob > 0)
+                      image_channels=run_cfg.takes_image)
     out = out or run_dir / "samples" / latest_tag(run_dir).name
     out.mkdir(parents=True, exist_ok=True)
     clips = [to_uint8(v) for v in videos]
@@ -154,7 +154,7 @@ def stage_fps(stages: list[Stage], fps: int) -> dict[str, int]:
 
 def load_image_latent(path: Path, stage: Stage, vae, device: torch.device) -> torch.Tensor:
     """The first frame for image-to-video: the image at the base stage's size, encoded -> (z, h, w)."""
-    if not stage.takes_image:
+    if not stage.run.takes_image:
         raise InputError(f"--image {path}: the base stage's run {stage.sample.run} was trained without an image "
                          "condition (cascade.image_prob 0); train one with cascade.image_prob > 0")
     _, height, width = stage_size(stage)

@@ -97,10 +97,6 @@ class Stage:
     run: RunConfig
     sample: StageSampleConfig
 
-    @property
-    def takes_image(self) -> bool:
-        return self.name == "base" and self.run.cascade.image_prob > 0
-
 
 def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor | None, seeds: list[int],
                  image_latent: torch.Tensor | None) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
@@ -109,7 +105,7 @@ def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor
     z = vae.cfg.latent_channels
     if stage.name == "base":
         shape = latent_shape(*stage.run.data.video_shape, z)
-        return shape, image_condition(len(seeds), shape, image_latent) if stage.takes_image else {}
+        return shape, image_condition(len(seeds), shape, image_latent) if stage.run.takes_image else {}
     clean = condition_from_latent(stage.name, stage.run.cascade, vae, previous)
     return tuple(clean.shape[1:]), sampling_condition(clean, stage.sample.aug_sigma, seeds,
                                                       STAGE_STREAMS * index + 1)

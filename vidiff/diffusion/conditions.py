@@ -33,7 +33,7 @@ def cond_channels(cfg: RunConfig, latent_channels: int) -> int:
     """Condition channels of the run's stage: a latent for tsr/ssr, a latent and its mask for image-to-video."""
     if cfg.stage != "base":
         return latent_channels
-    return latent_channels + 1 if cfg.cascade.image_prob > 0 else 0
+    return latent_channels + 1 if cfg.takes_image else 0
 
 
 def stream_generator(seed: int, stream: int) -> torch.Generator:

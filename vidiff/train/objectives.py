@@ -235,7 +235,7 @@ class DiTObjective:
         shape = latent_shape(frames, height, width, self.vae.cfg.latent_channels)
         sample = self.cfg.sample.model_copy(update={"steps": self.cfg.train.preview_steps})
         videos = generate(engine, self.text, self.vae.decode, self.cfg.sample.prompts[:PREVIEW_PROMPTS], shape,
-                          sample, self.cfg.edm, show_progress=False, image_channels=self.cfg.cascade.image_prob > 0)
+                          sample, self.cfg.edm, show_progress=False, image_channels=self.cfg.takes_image)
         return np.concatenate([to_uint8(v) for v in videos], axis=2)            # (T, H, W x prompts, 3)
 
     def before_export(self, module: nn.Module, state: dict) -> None:
