@@ -84,3 +84,26 @@ def test_an_asynchronous_checkpoint_writer_is_refused_before_launch(passthrough,
     allowed = run_vidiff("check", str(REPO / "configs/demo.yaml"), f"out_dir={tmp_path / 'run'}",   # not runs/demo's
                          "deepspeed={datastates_ckpt: false, checkpoint: {tag_validation: FAIL}}")  # checkpoints
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_universal_info_names_only_patterns_the_model_has():
+    """ds_to_universal refuses a ZeRO-1/2 checkpoint whose merge patterns match no parameter (strict): the VAE has
+    no row-parallel layers, so its checkpoints could not resume on another data size until the info left them
+    out. Negative control: the DiT's names keep the row-parallel pattern."""
+    import re
+
+    from deepspeed.checkpoint.constants import PARAMETER_WITH_ROW_PARALLELISM_PATTERNS as ROW
+    from deepspeed.checkpoint.constants import TP_REPLICATED_PARAMETER_PATTERNS as REPLICATED
+
+    from vidiff.models.vae import VideoVAE
+    from vidiff.parallel.universal import universal_info
+
+    cfg = load_config(REPO / "configs/vae/demo.yaml")
+    with torch.device("meta"):
+        vae = [n for n, _ in VideoVAE(cfg.vae).named_parameters()]
+        dit = [n for n, _ in build_denoiser(load_config(REPO / "configs/demo.yaml"), 4, 384).named_parameters()]
+    for names in (vae, dit):
+        info = universal_info(names)
+        for pattern in info[ROW] + info[REPLICATED]:
+            assert any(re.match(pattern, n) for n in names), pattern
+    assert universal_info(vae)[ROW] == [] and len(universal_info(dit)[ROW]) == 1

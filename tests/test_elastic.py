@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port, kill_after_checkpoint, launch, launcher, vidiff_processes
 from datasets import latent_samples, vae_run_folder
-from vidiff.data.shards import write_shards
+from vidiff.data.shards import synthetic_samples, write_shards
 from vidiff.train.monitor import read_scalars
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -98,6 +98,20 @@ def test_a_run_resumes_on_another_topology_like_an_uninterrupted_one(reference, 
     report = audit(root / name)
     assert report["ok"] and report["segments"] == 2, report
     assert report["committed_steps"] == STEPS and sum(e["complete"] for e in report["epochs"].values()) >= 2
+
+
+def test_the_vae_recipe_resumes_on_another_data_size(tmp_path):
+    """The VAE trains at ZeRO-2 (its recipe): 2 ranks to step 2, then 1 rank on to step 4 through the universal
+    checkpoint (which refused the VAE's checkpoints while their merge info named the DiT's row-parallel layers)."""
+    write_shards(synthetic_samples(8, 48, 48, 9, 8, seed=0), tmp_path / "shards", max_count=4)
+    common = [f"out_dir={tmp_path / 'vae'}", f"data.shards={tmp_path / 'shards'}", "vae.base_channels=8",
+              "train.checkpoint_every=2", "train.log_every=1", "parallel.zero_stage=2", "parallel.micro_batch=1"]
+    launch(REPO / "configs/vae/demo.yaml", [*common, "train.steps=2"], 2, tmp_path)
+    resumed = launch(REPO / "configs/vae/demo.yaml", [*common, "train.steps=4"], 1, tmp_path)
+    out = resumed.stdout + resumed.stderr
+    assert "resumed from step 2" in out and "on a new topology" in out, out[-3000:]
+    assert (tmp_path / "vae/checkpoints/step00000004/vidiff_state.json").is_file()
+    assert sorted(read_scalars(tmp_path / "vae", "train/loss")) == [1, 2, 3, 4]
 
 
 def test_an_unsupported_change_is_refused_before_any_rank_starts(reference):

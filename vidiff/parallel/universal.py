@@ -41,18 +41,23 @@ from vidiff.parallel.tensor import COLUMN, ROW
 UNIVERSAL_DIR = "universal"
 
 
-def universal_info() -> dict:
+def universal_info(names: list[str]) -> dict:
     """UNIVERSAL_CHECKPOINT_INFO for ZeRO-1/2 checkpoints (the pipeline layout, the sharded layout below ZeRO-3),
-    over the DiT's or PipelineModule's names ('1.block.attn_s.q.weight'): column-parallel weights and biases join
-    on dim 0 (the converter's default), row-parallel weights on dim 1, everything else is replicated (the converter
-    checks the copies agree and keeps one)."""
+    over the model's parameter names (the DiT's, the PipelineModule's '1.block.attn_s.q.weight', the VAE's):
+    column-parallel weights and biases join on dim 0 (the converter's default), row-parallel weights on dim 1,
+    everything else is replicated (the converter checks the copies agree and keeps one). A pattern no name matches
+    is left out: the converter refuses unused patterns, and the VAE has no row-parallel layers (its checkpoints
+    could not resume on another data size)."""
     from deepspeed.checkpoint.constants import (PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
                                                 TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
     column, row = rf"(?:{COLUMN})\.(?:weight|bias)$", rf"(?:{ROW})\.weight$"
+
+    def used(*patterns: str) -> list[str]:
+        return [p for p in patterns if any(re.match(p, name) for name in names)]
     return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [row],
-            TP_REPLICATED_PARAMETER_PATTERNS: [rf"^(?!{column})(?!{row}).*$"]}
+            PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: used(row),
+            TP_REPLICATED_PARAMETER_PATTERNS: used(rf"^(?!{column})(?!{row}).*$")}
 
 
 @contextmanager

@@ -152,7 +152,7 @@ def save(engine, run_dir: Path, step: int, state: dict, layout, ema=None, keep_l
     if engine.zero_optimization_stage() in (1, 2):   # how ds_to_universal merges ZeRO-1/2 state (ZeRO-3: not needed)
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
         from vidiff.parallel.universal import universal_info
-        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_info()
+        client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_info([n for n, _ in engine.module.named_parameters()])
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state=client_state)
     _export(engine, ckpt_dir / tag / WEIGHTS_NAME, layout)
     if ema is not None:
