@@ -68,8 +68,9 @@ class _GatherFrames(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, P: int, rank: int):
         ctx.rank, ctx.t = rank, x.shape[1]
+        x = x.contiguous()                            # before empty_like, which would keep another layout
         parts = [torch.empty_like(x) for _ in range(P)]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=1)
 
     @staticmethod
