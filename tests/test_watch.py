@@ -113,12 +113,14 @@ def _stopped_at_step_5(root, name: str, extra: list[str], processes, seconds: fl
     return process.returncode, out
 
 
-def test_a_stalled_step_prints_every_ranks_stack_once(root):
-    """Rank 1 stopped for 7 s with train.stall_seconds 3: rank 0 waits for it in a collective, each rank's
-    watchdog prints its stacks once, and the run finishes."""
+def test_a_stalled_step_prints_the_waiting_ranks_stack_once(root):
+    """Rank 1 stopped for 7 s with train.stall_seconds 3: rank 0 waits for it in a collective and its watchdog
+    prints its stacks there, once, and the run finishes. Rank 1's own watchdog is frozen with it: once continued,
+    it prints too unless rank 1's step ends first and disarms it (a race CI lost once), so it may or may not."""
     code, out = _stopped_at_step_5(root, "stalled", ["train.stall_seconds=3"], lambda pid: [pid] if pid else [], 7)
     assert code == 0, out[-4000:]
-    assert out.count("Timeout (0:00:03)!") == 2, out[-6000:]          # each rank once, not every slow step
+    assert 1 <= out.count("Timeout (0:00:03)!") <= 2, out[-6000:]     # at most once a rank, not every slow step
+    assert "torch/distributed/distributed_c10d.py" in out, out[-6000:]   # rank 0's stack: waiting in a collective
     assert "vidiff/train/trainer.py" in out and "took more than train.stall_seconds 3 s" in out
 
 
