@@ -1,11 +1,12 @@
 """Sequence parallelism on a long clip: per-rank activation memory, step time and all-to-all bytes at sequence 1,
 2 and 4 (dsp), and ulysses beside dsp at 2, all measured in one run.
 
-    python tools/bench_sequence.py [--preset S] [--frames 16 --side 16] [--sizes 1 2 4] [--steps 2]
+    python tools/bench_sequence.py [--preset S] [--frames 32 --side 16] [--sizes 1 2 4] [--steps 2]
 
 Each size trains the preset's DiT (factorized attention, patch 1x2x2) in the sharded layout (ZeRO-3) on one clip
-of frames x side x side latents (default 16 x 16 x 16: 61 frames at 128x128, 1024 tokens), every rank of the
-sequence group holding the same clip. After a warm-up step each rank measures:
+of frames x side x side latents (default 32 x 16 x 16: 125 frames at 128x128, 2048 tokens; its activations,
+1.6 GiB, are twice the model state of ZeRO-3 on one rank), every rank of the sequence group holding the same
+clip. After a warm-up step each rank measures:
 
 - activation memory: the bytes autograd holds for backward at the end of the forward (tensors saved by every
   operation, each storage once, parameters excluded), through torch.autograd.graph.saved_tensors_hooks; on a GPU
@@ -128,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="S", choices=["S", "B", "L", "XL"])
-    parser.add_argument("--frames", type=int, default=16, help="latent frames of the clip")
+    parser.add_argument("--frames", type=int, default=32, help="latent frames of the clip")
     parser.add_argument("--side", type=int, default=16, help="latent height and width")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="sequence sizes (dsp)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured one")
