@@ -14,6 +14,13 @@ from vidiff.config import DataConfig
 SPATIAL_FACTOR, TEMPORAL_FACTOR = 8, 4      # the VAE's compression (models/vae.py)
 
 
+def token_grid(frames: int, height: int, width: int, patch: tuple[int, int, int] = (1, 1, 1)
+               ) -> tuple[int, int, int]:
+    """The DiT's token grid (T', H', W') of a (frames, height, width) clip: the VAE's latent, patchified."""
+    pt, ph, pw = patch
+    return ((1 + (frames - 1) // TEMPORAL_FACTOR) // pt, height // SPATIAL_FACTOR // ph, width // SPATIAL_FACTOR // pw)
+
+
 @dataclass(frozen=True)
 class Bucket:
     frames: int
@@ -27,8 +34,7 @@ class Bucket:
 
     @property
     def latent_tokens(self) -> int:
-        latent_t = 1 + (self.frames - 1) // TEMPORAL_FACTOR
-        return latent_t * (self.height // SPATIAL_FACTOR) * (self.width // SPATIAL_FACTOR)
+        return math.prod(token_grid(self.frames, self.height, self.width))
 
     @property
     def name(self) -> str:

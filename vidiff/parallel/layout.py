@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from vidiff.config import ConfigError, RunConfig
-from vidiff.data.buckets import SPATIAL_FACTOR, TEMPORAL_FACTOR
+from vidiff.data.buckets import TEMPORAL_FACTOR, token_grid
 
 
 class LayoutError(ConfigError):
@@ -62,8 +62,7 @@ class Layout:
     def sequence_groups(self) -> list[list[int]]:
         """The ranks of each sequence group (one data rank and tensor rank, every sequence rank), in an order
         every rank can create them in."""
-        step = self.tensor
-        return [[(dp * self.sequence + sp) * step + tp for sp in range(self.sequence)]
+        return [[(dp * self.sequence + sp) * self.tensor + tp for sp in range(self.sequence)]
                 for dp in range(self.data) for tp in range(self.tensor)]
 
     def describe(self) -> str:
@@ -120,10 +119,10 @@ def sequence_problems(cfg: RunConfig) -> list[str]:
     if model.attention == "full" and par.sequence_mode == "dsp":
         problems.append("parallel.sequence_mode dsp with model.attention full: dsp keeps spatial attention within "
                         "a rank's frames, which full attention crosses; use sequence_mode: ulysses")
-    pt, ph, pw = model.patch_size
+    pt = model.patch_size[0]
     for frames, height, width in cfg.data.buckets:
-        T = (1 + (frames - 1) // TEMPORAL_FACTOR) // pt
-        positions = (height // SPATIAL_FACTOR // ph) * (width // SPATIAL_FACTOR // pw)
+        T, Hp, Wp = token_grid(frames, height, width, model.patch_size)
+        positions = Hp * Wp
         if T % n:
             valid = ", ".join(str(1 + TEMPORAL_FACTOR * (pt * n * k - 1)) for k in (1, 2, 3))
             problems.append(f"bucket {(frames, height, width)} has {T} latent frames after patchify, not divisible by "

@@ -83,7 +83,7 @@ class FrameSplit(Whole):
     heads for the whole sequence inside each attention that crosses frames."""
 
     def __init__(self, group, size: int, rank: int, mode: str):
-        self.group, self.size, self.rank, self.mode = group, size, rank, mode
+        self.group, self.size, self.rank = group, size, rank
         self.switches = mode == "dsp"
 
     def _share(self, n: int) -> slice:

@@ -91,10 +91,10 @@ def check_topology_change(saved: dict, current: dict) -> str | None:
     optimizer states differ in DeepSpeed's universal format), a change of ZeRO stage (each stage's loader looks for
     its own model-state file names), ZeRO-0 (no universal format), tensor parallelism in the sharded layout below
     ZeRO-3 (AutoTP's own universal metadata)."""
-    keys = ("kind", "zero", "data", "tensor", "pipeline")
+    keys = ("kind", "zero", "data", "tensor", "pipeline", "sequence")
     saved = {"zero": current["zero"], "sequence": 1, **saved}   # checkpoints from before these were recorded
-    zero_ranks = saved["data"] * saved["sequence"] == current["data"] * current.get("sequence", 1)
-    if all(saved[k] == current[k] for k in keys if k != "data") and zero_ranks:
+    same_zero_ranks = saved["data"] * saved["sequence"] == current["data"] * current["sequence"]
+    if same_zero_ranks and all(saved[k] == current[k] for k in ("kind", "zero", "tensor", "pipeline")):
         return None
     change = ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in keys if saved[k] != current[k])
     supported = "other data, tensor and pipeline sizes in the pipeline layout, other data and tensor sizes in the " \

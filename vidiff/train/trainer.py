@@ -23,7 +23,7 @@ from vidiff.config import InputError, RunConfig, TrainConfig, save_config
 from vidiff.data.pipeline import SKIP_REASONS, ShardLoader, to_model_input
 from vidiff.device import rank_device
 from vidiff.models.dit import count_parameters
-from vidiff.models.vae import SPATIAL_FACTOR, latent_frames
+from vidiff.data.buckets import token_grid
 from vidiff.parallel.deepspeed import deepspeed_config
 from vidiff.parallel.layout import make_layout
 from vidiff.parallel.pipeline import build_pipeline_engine, dit_name, observe_pipeline_losses, pipeline_step
@@ -152,9 +152,7 @@ def _prepare(batch: dict, device: torch.device) -> dict:
 
 def _tokens(batch: dict, cfg: RunConfig) -> tuple[int, tuple[int, int, int]]:
     """Latent tokens the DiT sees in a batch, and their grid (T', H', W')."""
-    frames, height, width = (int(n) for n in batch["bucket"].split("x"))
-    pt, ph, pw = cfg.model.patch_size
-    grid = (latent_frames(frames) // pt, height // SPATIAL_FACTOR // ph, width // SPATIAL_FACTOR // pw)
+    grid = token_grid(*(int(n) for n in batch["bucket"].split("x")), cfg.model.patch_size)
     return len(batch["key"]) * math.prod(grid), grid
 
 
@@ -171,10 +169,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     The loss of a step is the mean of the per-sample losses over the usable samples of the global batch (what
     train/loss logs): each micro-batch's backward gets the sum of its per-sample losses times accumulation x
     data x sequence / usable, because DeepSpeed divides by the accumulation and averages over its data-parallel
-    ranks (data x sequence). A
-    micro-batch of padding weighs nothing, and buckets of different batch sizes weigh by their samples. A step
-    whose gradient norm is not finite is not applied (DeepSpeed's overflow path: no update, no LR step) and is
-    counted; train.nonfinite_patience of them in a row reload the last checkpoint, and again stop the run."""
+    ranks (data x sequence). A micro-batch of padding weighs nothing, and buckets of different batch sizes weigh
+    by their samples. A step whose gradient norm is not finite is not applied (DeepSpeed's overflow path: no
+    update, no LR step) and is counted; train.nonfinite_patience of them in a row reload the last checkpoint, and
+    again stop the run."""
     layout = make_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))     # checked before any process group
     rank, world = init_distributed(cfg.train.preflight_timeout)
     device = rank_device(cfg.parallel.tf32)
