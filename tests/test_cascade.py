@@ -1,6 +1,7 @@
 """The cascade: stage configs, conditions (shapes, per-sample draws, that they condition), guidance, and sampling
 base -> tsr -> ssr -> mp4 end to end on untrained tiny stages from open gates; image-to-video on a trained base."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -18,14 +19,14 @@ from vidiff.config import (CascadeSampleConfig, ConfigError, InputError, RunConf
 from vidiff.data.pipeline import to_model_input, to_uint8
 from vidiff.data.shards import synthetic_samples, write_shards
 from vidiff.data.synthetic import make_clips
-from vidiff.diffusion.cascade import Stage, run_cascade, sample_latents
+from vidiff.diffusion.cascade import Stage, run_cascade, sample_latents, stage_latents
 from vidiff.diffusion.conditions import (cond_channels, condition_from_clip, condition_from_latent,
-                                         training_condition)
+                                         training_condition, upsample_video_time)
 from vidiff.diffusion.samplers import karras_sigmas, sample_heun
 from vidiff.eval.metrics import psnr
 from vidiff.models.text import TextEncoder
 from vidiff.models.vae import VideoVAE
-from vidiff.sampling import check_chain, load_image_latent, load_stage
+from vidiff.sampling import check_chain, load_image_latent, load_stage, stage_fps
 from vidiff.train.objectives import build_denoiser, load_denoiser
 
 # (frames, height, width) of each stage's output in the tiny cascade: base 5x16x16 -> tsr 9x16x16 -> ssr 9x32x32.
@@ -64,8 +65,9 @@ def vae():
     return VideoVAE(RunConfig(task="vae", vae={"latent_channels": 4, "base_channels": 8}).vae).eval()
 
 
-@pytest.mark.parametrize("stage, cascade", [("base", {"image_prob": 1.0}), ("tsr", {}),
-                                            ("ssr", {"ssr_condition": "latent"}), ("ssr", {"ssr_condition": "pixels"})])
+@pytest.mark.parametrize("stage, cascade", [("base", {"image_prob": 1.0}), ("tsr", {"tsr_condition": "latent"}),
+                                            ("tsr", {"tsr_condition": "pixels"}), ("ssr", {"ssr_condition": "latent"}),
+                                            ("ssr", {"ssr_condition": "pixels"})])
 def test_each_stage_condition_matches_its_output_in_training_and_in_sampling(vae, stage, cascade):
     """A stage's condition has its output's latent size with the stage's condition channels, made from a clip in
     training and from the previous stage's latent at sampling; the DiT maps (x, cond) to x's shape."""
@@ -92,6 +94,17 @@ def test_each_stage_condition_matches_its_output_in_training_and_in_sampling(vae
         assert (changed - out).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
     with pytest.raises(ValueError, match="condition channels"):
         net(x0, torch.full((2,), 0.5), text=text, text_mask=mask)
+
+
+def test_linear_upsampling_in_time_keeps_the_kept_frames_and_blends_the_missing_ones():
+    """The pixel tsr condition (and the benchmark's baseline): kept frames exactly, each missing frame the blend of
+    its neighbours at its position between them."""
+    low = torch.rand(2, 3, 3, 4, 4)
+    up = upsample_video_time(low, 4)                                        # frames 0, 4, 8 kept
+    assert up.shape == (2, 3, 9, 4, 4)
+    assert torch.allclose(up[:, :, ::4], low, atol=1e-6)
+    assert torch.allclose(up[:, :, 1], 0.75 * low[:, :, 0] + 0.25 * low[:, :, 1], atol=1e-6)
+    assert torch.allclose(up[:, :, 6], 0.5 * low[:, :, 1] + 0.5 * low[:, :, 2], atol=1e-6)
 
 
 def test_training_conditions_are_drawn_per_sample(vae):
@@ -181,6 +194,40 @@ def test_the_same_seed_gives_the_same_cascade_and_another_seed_another(cascade_d
     assert (vae.decode(other[-1]) - vae.decode(first[-1][:1])).norm() > 0.1 * vae.decode(other[-1]).norm()
 
 
+def test_the_cascade_can_raise_the_resolution_before_the_frame_rate(cascade_dir, tmp_path):
+    """order ssr-tsr: base 5x16x16 -> ssr 5x32x32 -> tsr 9x32x32 (tsr with the pixel condition), checked as a
+    chain and sampled at each stage's size and frame rate; the default order's runs are refused in it."""
+    vae_dir = cascade_dir / "vae"
+    dit_run_folder(tmp_path / "ssr5", vae_dir, "ssr", [(5, 32, 32)], seed=4)
+    dit_run_folder(tmp_path / "tsr32", vae_dir, "tsr", [(9, 32, 32)], seed=5, tsr_condition="pixels")
+    stages, text, vae = _stages(cascade_dir, order="ssr-tsr", ssr={"run": str(tmp_path / "ssr5"), "steps": 2},
+                                tsr={"run": str(tmp_path / "tsr32"), "steps": 2})
+    assert [s.name for s in stages] == ["base", "ssr", "tsr"]
+    check_chain(stages)
+    latents = run_cascade(stages, text, vae, ["a red square moving right"], [7])
+    assert [tuple(x.shape[1:]) for x in latents] == [(4, 2, 2, 2), (4, 2, 4, 4), (4, 3, 4, 4)]
+    assert stage_fps(stages, 8) == {"base": 4, "ssr": 4, "tsr": 8}
+    default_runs, _, _ = _stages(cascade_dir, order="ssr-tsr")
+    with pytest.raises(InputError, match=r"ssr.run .* makes \(9, 32, 32\) .* it must make \(5, 32, 32\)"):
+        check_chain(default_runs)
+
+
+def test_a_stage_started_from_its_condition_refines_it(cascade_dir):
+    """start_sigma (SDEdit): the stage starts from its clean condition noised to that level. Started barely noised,
+    an open-gate stage returns its condition (D(x, sigma) -> x as sigma -> 0); from pure noise, something else."""
+    stages, text, _ = _stages(cascade_dir)
+    tsr = stages[1]
+    clean = torch.randn(2, 4, 3, 2, 2)
+    prompts, seeds = ["a red square moving right"] * 2, [3, 4]
+    def started(level):
+        return dataclasses.replace(tsr, sample=tsr.sample.model_copy(update={"start_sigma": level}))
+
+    near = stage_latents(started(0.01), 1, text, prompts, seeds, clean)
+    far = stage_latents(started(None), 1, text, prompts, seeds, clean)
+    assert (near - clean).abs().max() < 0.05
+    assert (far - clean).abs().max() > 0.3
+
+
 def test_a_chain_of_mismatched_stages_is_refused_with_the_sizes(cascade_dir, tmp_path):
     dit_run_folder(tmp_path / "tsr17", cascade_dir / "vae", "tsr", [(17, 16, 16)])
     stages, _, _ = _stages(cascade_dir, tsr={"run": str(tmp_path / "tsr17")})
@@ -234,7 +281,10 @@ def test_vidiff_sample_cascade_spreads_prompts_over_ranks(cascade_dir, tmp_path)
     (["tsr.aug_sigma=0.9"], "tsr.aug_sigma 0.9: valid [0, 0.5] (the run's cascade.aug_max)"),
     (["base.aug_sigma=0.1"], "base.aug_sigma 0.1: valid 0"),
     (["ssr.run=nowhere"], "ssr.run: nowhere has no finished checkpoint"),
-    (["base.stepz=3"], "unknown key 'base.stepz'; valid keys here: aug_sigma, guidance, run, steps"),
+    (["base.stepz=3"], "unknown key 'base.stepz'; valid keys here: aug_sigma, guidance, run, start_sigma, steps"),
+    (["base.start_sigma=0.5"], "base.start_sigma 0.5: valid only for tsr and ssr"),
+    (["ssr.start_sigma=100"], "ssr.start_sigma 100: valid (0.002, 80] (the run's edm.sigma_min, sigma_max)"),
+    (["order=ssr-base"], "order"),
 ])
 def test_vidiff_sample_cascade_refuses_bad_settings_with_the_reason(cascade_dir, tmp_path, args, message):
     done = run_vidiff("sample", "--cascade", str(cascade_dir / "sample.yaml"), "--out", str(tmp_path), *args)

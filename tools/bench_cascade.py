@@ -2,15 +2,17 @@
 stage against classical upsampling and the full cascade against a single-stage model.
 
     python tools/bench_quality.py --root R          # first: the shards, the VAE and the single-stage DiT (R/dit)
-    python tools/bench_cascade.py --root R [--ranks 2] [--skip-train] [--steps base=N,tsr=N,ssr=N]
-                                  [--single-steps N] [--gif docs/cascade/stages.gif]
+    python tools/bench_cascade.py --root R [--ranks 2] [--skip-train] [--vae-steps N]
+                                  [--steps base=N,tsr=N,ssr=N] [--single-steps N] [--gif docs/cascade/stages.gif]
 
-Stages, each through the normal launcher, each timed: configs/cascade/{base,tsr,ssr}.yaml on R/shards with R/vae
-(the stages read pixel clips and make their conditions on the fly), into R/cascade/<stage>. The single-stage
-reference is R/dit (the quality recipe, about the cascade's total training time at the default steps), or with
---single-steps a run of configs/bench/shapes_cpu.yaml at that many steps trained here (cache-latents included in
-its minutes) into R/cascade/single. Then vidiff/eval/cascade.py on held-out clips and prompts, sampled with
-configs/cascade/sample.yaml's steps, guidance and augmentation levels.
+The cascade's VAE is R/vae, or with --vae-steps R/vae trained on to N steps (its last checkpoint resumed with the
+longer schedule) into R/cascade/vae, its extra minutes counted on the cascade's side. Stages, each through the
+normal launcher, each timed: configs/cascade/{base,tsr,ssr}.yaml on R/shards with that VAE (the stages read pixel
+clips and make their conditions on the fly), into R/cascade/<stage>. The single-stage reference is R/dit (the
+quality recipe, about the cascade's total training time at the default steps), or with --single-steps a run of
+configs/bench/shapes_cpu.yaml at that many steps trained here with R/vae (cache-latents included in its minutes)
+into R/cascade/single. Then vidiff/eval/cascade.py on held-out clips and prompts, sampled with
+configs/cascade/sample.yaml's order, steps, guidance, augmentation and start levels.
 Prints one JSON line: per stage its training minutes (wall, and CPU minutes of all its processes), frames, size,
 network evaluations and seconds per clip; the tsr and ssr figures beside their baselines; the cascade's and the
 single-stage model's checker pass rates; the training-minute ratio of the two sides, wall and CPU (measured in this
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 STAGES = ("base", "tsr", "ssr")
 SINGLE_CONFIG = REPO / "configs/bench/shapes_cpu.yaml"
+VAE_CONFIG = REPO / "configs/bench/shapes_vae.yaml"
 
 
 CPU_MINUTES: dict[str, float] = {}            # per timed command: user + system CPU minutes of all its processes
@@ -50,9 +53,9 @@ def _run(*cmd: str, env: dict | None = None, name: str = "") -> float:
     return (time.monotonic() - start) / 60
 
 
-def logged_minutes(run: Path) -> float:
-    """A run's training time from its TensorBoard log: the wall time from the first to the last logged step,
-    plus one step's worth (the first step's own time precedes its log line)."""
+def logged_minutes(run: Path, since: int = 0) -> float:
+    """A run's training time from step `since` (where it was resumed) from its TensorBoard log: the wall time from
+    the first to the last logged step, plus the steps before the first log line at the logged rate."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     times = []
@@ -65,7 +68,19 @@ def logged_minutes(run: Path) -> float:
         raise SystemExit(f"bench_cascade: {run} has no training log to time (train it first)")
     times.sort()
     (s0, t0), (s1, t1) = times[0], times[-1]
-    return (t1 - t0) * (1 + s0 / max(s1 - s0, 1)) / 60
+    return (t1 - t0) * (s1 - since) / max(s1 - s0, 1) / 60
+
+
+def continue_vae(source: Path, run: Path) -> int:
+    """Start run/ from source/'s last checkpoint (resumed there with a longer schedule) -> its step."""
+    import shutil
+
+    latest = (source / "checkpoints" / "latest").read_text().strip()
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / latest, run / "checkpoints" / latest)
+    (run / "checkpoints" / "latest").write_text(latest)
+    return int(latest.removeprefix("step"))
 
 
 def parse_steps(text: str | None) -> dict[str, int]:
@@ -85,6 +100,8 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already under --root")
     parser.add_argument("--steps", help="training steps per stage, e.g. base=1000,tsr=500,ssr=500 (default: the "
                                         "configs')")
+    parser.add_argument("--vae-steps", type=int, help="train the cascade's VAE on from ROOT/vae to this many steps "
+                                                      "(default: use ROOT/vae)")
     parser.add_argument("--single-steps", type=int, help="train the single-stage reference here at this many steps "
                                                          "(default: use ROOT/dit)")
     parser.add_argument("--per-combo", type=int, default=2, help="held-out clips per combination (default 2)")
@@ -99,14 +116,25 @@ def main() -> None:
     vidiff = [sys.executable, "-m", "vidiff"]
     env = {"NPROC": str(args.ranks)}
     runs = {name: root / "cascade" / name for name in STAGES}
-    minutes = {}
+    minutes, vae = {}, root / "vae"
+    if args.vae_steps:
+        vae = root / "cascade" / "vae"
+        if args.skip_train:
+            minutes["vae"] = logged_minutes(vae, since=int(json.loads((vae / "resumed_from.json").read_text())))
+        else:
+            since = continue_vae(root / "vae", vae)
+            (vae / "resumed_from.json").write_text(json.dumps(since))
+            minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), f"out_dir={vae}",
+                                  f"data.shards={root / 'shards'}", f"data.eval_shards={root / 'heldout'}",
+                                  f"train.steps={args.vae_steps}", f"train.checkpoint_every={args.vae_steps}",
+                                  env=env, name="vae")
     for name in STAGES:
         if args.skip_train:
             minutes[name] = logged_minutes(runs[name])
             continue
         extra = [f"train.steps={steps[name]}", f"train.checkpoint_every={steps[name]}"] if name in steps else []
         minutes[name] = _run("launchers/local.sh", str(REPO / f"configs/cascade/{name}.yaml"), f"out_dir={runs[name]}",
-                             f"data.shards={root / 'shards'}", f"vae.checkpoint={root / 'vae'}", *extra,
+                             f"data.shards={root / 'shards'}", f"vae.checkpoint={vae}", *extra,
                              "--no-resume", env=env, name=name)
     single = root / "dit"
     if args.single_steps:
@@ -147,10 +175,11 @@ def main() -> None:
         "ssr_psnr_beats_bicubic": ssr["ssr"]["psnr"] > ssr["bicubic"]["psnr"],
         "ssr_pass_rate_beats_bicubic": ssr["ssr"]["pass_rate"] > ssr["bicubic"]["pass_rate"],
     }
-    cascade_minutes = sum(minutes[n] for n in STAGES)
+    cascade_side = [*STAGES, *(["vae"] if "vae" in minutes else [])]
+    cascade_minutes = sum(minutes[n] for n in cascade_side)
     cpu = {"cpu_minutes": {k: round(v, 1) for k, v in CPU_MINUTES.items()},
-           "cascade_over_single_cpu": round(sum(CPU_MINUTES[n] for n in STAGES) / CPU_MINUTES["single"], 3)} \
-        if "single" in CPU_MINUTES and all(n in CPU_MINUTES for n in STAGES) else {}
+           "cascade_over_single_cpu": round(sum(CPU_MINUTES[n] for n in cascade_side) / CPU_MINUTES["single"], 3)} \
+        if "single" in CPU_MINUTES and all(n in CPU_MINUTES for n in cascade_side) else {}
     print(json.dumps({"bench": "cascade", **result, "met": met,
                       "train_minutes": {k: round(v, 1) for k, v in minutes.items()}, **cpu,
                       "cascade_over_single_minutes": round(cascade_minutes / minutes["single"], 3),

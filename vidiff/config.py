@@ -299,6 +299,13 @@ class CascadeConfig(_Section):
     # ssr: upsample the low-resolution latent (latent), or decode it, upsample the pixels bicubically and
     # re-encode them with the VAE (pixels)
     ssr_condition: Literal["latent", "pixels"] = "pixels"
+    # tsr: upsample the low-frame-rate latent linearly in time (latent), or decode it, blend the missing frames
+    # linearly from their neighbours in pixels and re-encode them with the VAE (pixels)
+    tsr_condition: Literal["latent", "pixels"] = "latent"
+
+    def condition(self, stage: str) -> str:
+        """A super-resolution stage's condition kind: latent or pixels."""
+        return self.tsr_condition if stage == "tsr" else self.ssr_condition
 
 
 class RunConfig(_Section):
@@ -380,10 +387,14 @@ class StageSampleConfig(_Section):
     steps: int = Field(18, ge=1)              # Heun steps
     guidance: float = Field(1.0, ge=0.0)      # classifier-free guidance weight; 1 = plain conditional
     aug_sigma: float = Field(0.0, ge=0.0)     # tsr/ssr: the condition's noise level, within the run's aug_max
+    # tsr/ssr: start from the stage's clean condition noised to this level, not from pure noise at edm.sigma_max
+    # (SDEdit): the stage refines the upsampled clip instead of redrawing it; null: from pure noise
+    start_sigma: float | None = Field(None, gt=0.0)
 
 
 class CascadeSampleConfig(_Section):
-    """`vidiff sample --cascade FILE`: base -> tsr -> ssr -> VAE decode; tsr and ssr are optional."""
+    """`vidiff sample --cascade FILE`: base -> tsr -> ssr -> VAE decode (or ssr before tsr: `order`); tsr and ssr
+    are optional."""
     prompts: list[str] = ["a red square moving right"]
     seed: int = 0                             # prompt i samples from seed + i at every stage
     S_churn: float = Field(0.0, ge=0.0)
@@ -392,10 +403,13 @@ class CascadeSampleConfig(_Section):
     base: StageSampleConfig
     tsr: StageSampleConfig | None = None
     ssr: StageSampleConfig | None = None
+    # the super-resolution stages' order after the base stage (raise the frame rate first, or the resolution)
+    order: Literal["tsr-ssr", "ssr-tsr"] = "tsr-ssr"
 
     def stages(self) -> list[tuple[str, StageSampleConfig]]:
         """(stage name, its settings) in the order they run."""
-        return [(name, stage) for name in ("base", "tsr", "ssr") if (stage := getattr(self, name)) is not None]
+        names = ["base", *self.order.split("-")]
+        return [(name, stage) for name in names if (stage := getattr(self, name)) is not None]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

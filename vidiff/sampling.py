@@ -93,6 +93,13 @@ def load_stage(name: str, cfg: CascadeSampleConfig, device: torch.device):
     if run_cfg.stage != name:
         raise InputError(f"{name}.run {settings.run} trained stage {run_cfg.stage!r}, not {name!r} (its config's "
                          "`stage`)")
+    if name == "base" and settings.start_sigma is not None:
+        raise InputError(f"base.start_sigma {settings.start_sigma:g}: valid only for tsr and ssr (the base stage has "
+                         "no condition to start from): leave it unset")
+    edm = run_cfg.edm
+    if settings.start_sigma is not None and not edm.sigma_min < settings.start_sigma <= edm.sigma_max:
+        raise InputError(f"{name}.start_sigma {settings.start_sigma:g}: valid ({edm.sigma_min:g}, {edm.sigma_max:g}] "
+                         "(the run's edm.sigma_min, sigma_max)")
     limit = 0.0 if name == "base" else run_cfg.cascade.aug_max
     if not 0 <= settings.aug_sigma <= limit:
         valid = "0 (the base stage has no augmented condition)" if name == "base" else \
@@ -180,8 +187,9 @@ def side_by_side(clips: list[np.ndarray], height: int, width: int, frames: int) 
 
 def sample_cascade(cfg: CascadeSampleConfig, prompts: list[str], out: Path, image: Path | None, check: bool,
                    device: torch.device, rank: int = 0, world: int = 1) -> dict:
-    """base -> tsr -> ssr -> VAE decode for this rank's prompts; writes the files above and out/cascade.json (a
-    record per stage: frames, size, network evaluations and seconds per clip; world > 1: cascade.rank<r>.json)."""
+    """base -> tsr -> ssr (or ssr -> tsr) -> VAE decode for this rank's prompts; writes the files above and
+    out/cascade.json (a record per stage: frames, size, network evaluations and seconds per clip; world > 1:
+    cascade.rank<r>.json)."""
     stages, text, vae = load_stages(cfg, device)
     image_latent = load_image_latent(image, stages[0], vae, device) if image is not None else None
     mine = rank_prompts(prompts, rank, world)

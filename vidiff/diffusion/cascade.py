@@ -39,18 +39,23 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], stream: int = 0) -> t
 @torch.no_grad()
 def sample_latents(denoise: Denoiser, encode_text: TextEncode, prompts: list[str], seeds: list[int],
                    shape: tuple[int, ...], steps: int, guidance: float, edm: EDMConfig, S_churn: float = 0.0,
-                   cond: dict[str, torch.Tensor] | None = None, stream: int = 0) -> torch.Tensor:
+                   cond: dict[str, torch.Tensor] | None = None, stream: int = 0,
+                   start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Prompts -> latents (B, *shape) by EDM Heun sampling with classifier-free guidance, as one batch on the text
     encoder's device. cond (a cascade stage's cond and aug, moved to that device) goes to both branches of
-    guidance: guidance steers by the text, a stage always sees its condition."""
+    guidance: guidance steers by the text, a stage always sees its condition. start (x (B, *shape), sigma): begin
+    at x noised to sigma, then down the rho schedule from sigma (SDEdit, Meng et al. 2022), instead of from pure
+    noise at edm.sigma_max."""
     text, mask = encode_text(prompts)
     cond = {k: v.to(text.device) for k, v in (cond or {}).items()}
     null_text, null_mask = encode_text([""] * len(prompts))
     denoise_cfg = guided(denoise, {"text": text, "text_mask": mask, **cond},
                          {"text": null_text, "text_mask": null_mask, **cond}, guidance)
-    sigmas = karras_sigmas(steps, edm.sigma_min, edm.sigma_max, edm.rho)
+    sigmas = karras_sigmas(steps, edm.sigma_min, edm.sigma_max if start is None else start[1], edm.rho)
     generator = stream_generator(seeds[0], stream)                         # the churn's draws (S_churn > 0)
     x = (seeded_noise(seeds, shape, stream) * sigmas[0].float()).to(text.device)
+    if start is not None:
+        x = x + start[0].to(x)
     return sample_heun(denoise_cfg, x, sigmas, generator=generator, S_churn=S_churn)
 
 
@@ -98,17 +103,16 @@ class Stage:
     sample: StageSampleConfig
 
 
-def stage_inputs(stage: Stage, index: int, vae: VideoVAE, previous: torch.Tensor | None, seeds: list[int],
-                 image_latent: torch.Tensor | None) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
-    """The latent shape a stage samples and its condition inputs: for the base, its bucket (and the image's
-    latent in frame 0 where given); for tsr/ssr, the previous stage's latent lifted and augmented."""
-    z = vae.cfg.latent_channels
-    if stage.name == "base":
-        shape = latent_shape(*stage.run.data.video_shape, z)
-        return shape, image_condition(len(seeds), shape, image_latent) if stage.run.takes_image else {}
-    clean = condition_from_latent(stage.name, stage.run.cascade, vae, previous)
-    return tuple(clean.shape[1:]), sampling_condition(clean, stage.sample.aug_sigma, seeds,
-                                                      STAGE_STREAMS * index + 1)
+def stage_latents(stage: Stage, index: int, encode_text: TextEncode, prompts: list[str], seeds: list[int],
+                  clean: torch.Tensor, S_churn: float = 0.0) -> torch.Tensor:
+    """A super-resolution stage (the cascade's index-th) -> its output latents, from its clean condition
+    (B, z, T', h, w) at the output's latent size: the condition augmented at the stage's fixed level; sampled
+    from pure noise, or (start_sigma) from the clean condition noised to that level."""
+    cond = sampling_condition(clean, stage.sample.aug_sigma, seeds, STAGE_STREAMS * index + 1)
+    start = None if stage.sample.start_sigma is None else (clean, stage.sample.start_sigma)
+    return sample_latents(stage.denoise, encode_text, prompts, seeds, tuple(clean.shape[1:]), stage.sample.steps,
+                          stage.sample.guidance, stage.run.edm, S_churn, cond, stream=STAGE_STREAMS * index,
+                          start=start)
 
 
 @torch.no_grad()
@@ -116,14 +120,20 @@ def run_cascade(stages: list[Stage], encode_text: TextEncode, vae: VideoVAE, pro
                 image_latent: torch.Tensor | None = None, S_churn: float = 0.0,
                 seconds: dict[str, float] | None = None) -> list[torch.Tensor]:
     """Prompts -> each stage's output latents (B, z, T', h, w), base first. image_latent (z, h, w): the first
-    frame's latent for an image-to-video base stage. seconds: each stage's wall time is added under its name."""
+    frame's latent for an image-to-video base stage. The base samples its bucket (with the image's latent in
+    frame 0 where given); each later stage is conditioned on the previous stage's output lifted to its size.
+    seconds: each stage's wall time is added under its name."""
     outputs: list[torch.Tensor] = []
     for index, stage in enumerate(stages):
         start = time.perf_counter()
-        shape, cond = stage_inputs(stage, index, vae, outputs[-1] if outputs else None, seeds, image_latent)
-        outputs.append(sample_latents(stage.denoise, encode_text, prompts, seeds, shape, stage.sample.steps,
-                                      stage.sample.guidance, stage.run.edm, S_churn, cond,
-                                      stream=STAGE_STREAMS * index))
+        if stage.name == "base":
+            shape = latent_shape(*stage.run.data.video_shape, vae.cfg.latent_channels)
+            cond = image_condition(len(seeds), shape, image_latent) if stage.run.takes_image else {}
+            outputs.append(sample_latents(stage.denoise, encode_text, prompts, seeds, shape, stage.sample.steps,
+                                          stage.sample.guidance, stage.run.edm, S_churn, cond))
+        else:
+            clean = condition_from_latent(stage.name, stage.run.cascade, vae, outputs[-1])
+            outputs.append(stage_latents(stage, index, encode_text, prompts, seeds, clean, S_churn))
         if seconds is not None:
             seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - start
     return outputs

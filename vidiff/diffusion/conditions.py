@@ -1,8 +1,9 @@
 """The conditions of the cascade's stages (cascaded diffusion, Ho et al. 2022; Imagen Video, Ho et al. 2022).
 
 A stage is the DiT with condition channels concatenated to its input (models/dit.py):
-- tsr: the low-frame-rate clip's latent (every frame_factor-th frame), upsampled in time to the stage's latent
-  frames;
+- tsr: the low-frame-rate clip (every frame_factor-th frame) upsampled in time to the stage's frames, either as a
+  latent (linear in latent time) or as pixels (missing frames blended from their neighbours) that the VAE
+  re-encodes (cascade.tsr_condition);
 - ssr: the low-resolution clip upsampled in space, either as a latent (bilinear) or as pixels (bicubic) that the
   VAE re-encodes (cascade.ssr_condition);
 - base with image-to-video: the first frame's latent in latent frame 0 and a mask channel that marks it (the
@@ -67,6 +68,15 @@ def upsample_frames(video: torch.Tensor, factor: int) -> torch.Tensor:
                      video).clamp(-1, 1)
 
 
+def upsample_video_time(video: torch.Tensor, factor: int) -> torch.Tensor:
+    """Linear interpolation in time (the classical baseline, and the pixel tsr condition): (B, 3, T, H, W) ->
+    (B, 3, 1 + (T - 1) factor, H, W), each missing frame blended from its two kept neighbours."""
+    B, C, T, H, W = video.shape
+    flat = video.permute(0, 1, 3, 4, 2).reshape(B, C * H * W, T)
+    up = F.interpolate(flat, size=1 + (T - 1) * factor, mode="linear", align_corners=True) if T > 1 else flat
+    return up.reshape(B, C, H, W, -1).permute(0, 1, 4, 2, 3)
+
+
 def upsample_latent_time(latent: torch.Tensor, frames: int) -> torch.Tensor:
     """(B, z, T'_low, h, w) -> (B, z, frames, h, w), linear in time with the first and last latent frames kept
     (they hold the clip's first frame and its end at both rates)."""
@@ -90,8 +100,10 @@ def condition_from_clip(stage: str, cascade: CascadeConfig, vae: VideoVAE, video
     """A super-resolution stage's clean condition (B, z, T', h, w) at its output latent size, made from the full
     clip (B, 3, T, H, W): its frames dropped (tsr) or its frames downsampled (ssr)."""
     if stage == "tsr":
-        low = vae.encode(drop_frames(video, cascade.frame_factor))
-        return upsample_latent_time(low, latent_frames(video.shape[2]))
+        low = drop_frames(video, cascade.frame_factor)
+        if cascade.tsr_condition == "pixels":
+            return vae.encode(upsample_video_time(low, cascade.frame_factor))
+        return upsample_latent_time(vae.encode(low), latent_frames(video.shape[2]))
     small = downsample(video, cascade.spatial_factor)
     if cascade.ssr_condition == "latent":
         return upsample_latent_space(vae.encode(small), cascade.spatial_factor)
@@ -101,6 +113,8 @@ def condition_from_clip(stage: str, cascade: CascadeConfig, vae: VideoVAE, video
 def condition_from_latent(stage: str, cascade: CascadeConfig, vae: VideoVAE, latent: torch.Tensor) -> torch.Tensor:
     """A super-resolution stage's clean condition from the previous stage's output latent (B, z, T', h, w)."""
     if stage == "tsr":
+        if cascade.tsr_condition == "pixels":
+            return vae.encode(upsample_video_time(vae.decode(latent).clamp(-1, 1), cascade.frame_factor))
         return upsample_latent_time(latent, tsr_frames(latent.shape[2], cascade.frame_factor))
     if cascade.ssr_condition == "latent":
         return upsample_latent_space(latent, cascade.spatial_factor)

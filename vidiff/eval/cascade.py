@@ -1,13 +1,14 @@
 """The cascade on the moving-shapes ground truth (tools/bench_cascade.py).
 
 - tsr: each held-out clip's low-frame-rate version (every frame_factor-th frame, the truth itself) through the tsr
-  stage, against frame repetition and linear interpolation of the same frames in pixels, the same two in latent
-  space (what the cascade would do without the stage: its condition, decoded) and the VAE round trip of the true
-  clip (no latent stage can beat it);
-- ssr: each held-out clip downsampled through the ssr stage, against bicubic upsampling in pixels, the latent
-  condition decoded, and the VAE round trip;
-- cascade: base -> tsr -> ssr on held-out prompts, the checker's pass rate at the final size beside that of a
-  single-stage model sampled at the same size, with each stage's network evaluations and seconds per clip.
+  stage, against frame repetition and linear interpolation of the same frames in pixels;
+- ssr: each held-out clip downsampled through the ssr stage, against bicubic upsampling in pixels;
+  beside each stage: both kinds of its condition decoded (what the cascade gives without the stage's denoising:
+  condition_latent, the low latent upsampled in latent space; condition_pixels, the classical upsampling
+  re-encoded) and the VAE round trip of the true clip (no latent stage can beat it);
+- cascade: its stages in their order (base -> tsr -> ssr, or base -> ssr -> tsr) on held-out prompts, the
+  checker's pass rate at the final size beside that of a single-stage model sampled at the same size, with each
+  stage's network evaluations and seconds per clip.
 Scores: PSNR against the true clip (mean over clips of each clip's PSNR over all its frames), the checker's pass
 rate and its motion sub-score (vidiff/eval/shapes.py).
 """
@@ -22,9 +23,9 @@ import torch
 
 from vidiff.config import CascadeSampleConfig
 from vidiff.data.pipeline import to_model_input, to_uint8
-from vidiff.diffusion.cascade import (STAGE_STREAMS, Stage, evaluations_per_clip, generate, run_cascade,
-                                      sample_latents)
-from vidiff.diffusion.conditions import condition_from_clip, downsample, sampling_condition, upsample_frames
+from vidiff.diffusion.cascade import Stage, evaluations_per_clip, generate, run_cascade, stage_latents
+from vidiff.diffusion.conditions import (condition_from_clip, downsample, drop_frames,
+                                         upsample_frames, upsample_video_time)
 from vidiff.eval.quality import real_clips, summarize, vae_roundtrip
 from vidiff.eval.shapes import check_clip
 from vidiff.models.vae import VideoVAE, latent_shape
@@ -37,15 +38,6 @@ BATCH = 16
 def repeat_frames(low: np.ndarray, factor: int) -> np.ndarray:
     """(T, H, W, 3) -> (1 + (T - 1) factor, H, W, 3): each missing frame is the last kept one."""
     return np.repeat(low, factor, axis=0)[: 1 + (len(low) - 1) * factor]
-
-
-def linear_frames(low: np.ndarray, factor: int) -> np.ndarray:
-    """(T, H, W, 3) -> (1 + (T - 1) factor, H, W, 3): missing frames blended linearly from their neighbours."""
-    low = low.astype(np.float32)
-    out = [low[0]]
-    for a, b in zip(low[:-1], low[1:]):
-        out += [a + (b - a) * k / factor for k in range(1, factor + 1)]
-    return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8)
 
 
 def clip_psnr(ours: list[np.ndarray], truth: list[np.ndarray]) -> float:
@@ -67,61 +59,78 @@ def _batches(n: int):
     return [slice(i, i + BATCH) for i in range(0, n, BATCH)]
 
 
-@torch.no_grad()
-def super_resolution(stage: Stage, text, vae: VideoVAE, truth: list[np.ndarray], prompts: list[str],
-                     seeds: list[int], device, ssr_condition: str | None = None) -> list[np.ndarray]:
-    """The stage fed each true clip's low-frame-rate / low-resolution version (made as in training) -> its output
-    clips (uint8). Given ssr_condition, the condition itself decoded instead, made with it in place of the run's:
-    'latent' is the latent-space upsampling the stage refines (the cascade without the stage)."""
-    cascade = stage.run.cascade.model_copy(update={"ssr_condition": ssr_condition or stage.run.cascade.ssr_condition})
+def _decode(vae: VideoVAE, latent: torch.Tensor) -> list[np.ndarray]:
+    return [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
+
+
+def _classical(truth: list[np.ndarray], lower, upsample, device) -> list[np.ndarray]:
+    """A classical baseline: each true clip lowered (frames dropped or downsampled) and upsampled back."""
     out = []
     for part in _batches(len(truth)):
         video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
-        latent = condition_from_clip(stage.name, cascade, vae, video)
-        if ssr_condition is None:
-            cond = sampling_condition(latent, stage.sample.aug_sigma, seeds[part], STAGE_STREAMS + 1)
-            latent = sample_latents(stage.denoise, text, prompts[part], seeds[part], tuple(latent.shape[1:]),
-                                    stage.sample.steps, stage.sample.guidance, stage.run.edm, cond=cond,
-                                    stream=STAGE_STREAMS)
-        out += [to_uint8(v) for v in vae.decode(latent).clamp(-1, 1).float()]
+        out += [to_uint8(v) for v in upsample(lower(video))]
     return out
 
 
-def latent_condition(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device) -> list[np.ndarray]:
-    """The cascade without the stage: the low clip's latent upsampled in latent space (tsr: linear in time; ssr:
-    bilinear), decoded."""
-    return super_resolution(stage, None, vae, truth, [], [], device, ssr_condition="latent")
+def _conditions(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device, kind: str | None = None):
+    """(batch slice, clean condition) per batch of true clips, made as in training; kind (latent | pixels) in
+    place of the run's own condition kind."""
+    cascade = stage.run.cascade
+    if kind is not None:
+        cascade = cascade.model_copy(update={f"{stage.name}_condition": kind})
+    for part in _batches(len(truth)):
+        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
+        yield part, condition_from_clip(stage.name, cascade, vae, video)
+
+
+@torch.no_grad()
+def super_resolution(stage: Stage, text, vae: VideoVAE, truth: list[np.ndarray], prompts: list[str],
+                     seeds: list[int], device) -> list[np.ndarray]:
+    """The stage fed each true clip's low-frame-rate / low-resolution version (made as in training) -> its output
+    clips (uint8)."""
+    out = []
+    for part, clean in _conditions(stage, vae, truth, device):
+        out += _decode(vae, stage_latents(stage, 1, text, prompts[part], seeds[part], clean))
+    return out
+
+
+@torch.no_grad()
+def decoded_condition(stage: Stage, vae: VideoVAE, truth: list[np.ndarray], device, kind: str) -> list[np.ndarray]:
+    """The cascade without the stage: its condition of that kind, decoded (latent: the low clip's latent upsampled
+    in latent space; pixels: the classical upsampling re-encoded)."""
+    return [clip for _, clean in _conditions(stage, vae, truth, device, kind) for clip in _decode(vae, clean)]
+
+
+def _figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device, baselines) -> dict:
+    """The stage, the given classical baselines, both kinds of its condition decoded, the VAE round trip of the
+    true clip (no latent stage can beat it) and the truth, each scored against the true clip."""
+    frames, height, width = stage.run.data.video_shape
+    real = real_clips(frames, height, width, per_combo, seed)
+    truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
+    methods = {stage.name: super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device),
+               **{name: make(truth) for name, make in baselines.items()},
+               **{f"condition_{kind}": decoded_condition(stage, vae, truth, device, kind)
+                  for kind in ("latent", "pixels")},
+               "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
+    return {"size": [frames, height, width], "clips": len(truth), "condition": stage.run.cascade.condition(stage.name),
+            **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
 
 
 def tsr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device) -> dict:
-    frames, height, width = stage.run.data.video_shape
-    real = real_clips(frames, height, width, per_combo, seed)
-    truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
+    """tsr against frame repetition and linear interpolation of the kept frames."""
     factor = stage.run.cascade.frame_factor
-    low = [v[::factor] for v in truth]
-    ours = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
-    methods = {"tsr": ours, "repeat": [repeat_frames(v, factor) for v in low],
-               "linear": [linear_frames(v, factor) for v in low],
-               "latent_linear": latent_condition(stage, vae, truth, device),
-               "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
-    return {"size": [frames, height, width], "clips": len(truth),
-            **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
+    return _figures(stage, text, vae, per_combo, seed, device, {
+        "repeat": lambda truth: [repeat_frames(v[::factor], factor) for v in truth],
+        "linear": lambda truth: _classical(truth, lambda v: drop_frames(v, factor),
+                                           lambda v: upsample_video_time(v, factor), device)})
 
 
 def ssr_figures(stage: Stage, text, vae: VideoVAE, per_combo: int, seed: int, device) -> dict:
-    frames, height, width = stage.run.data.video_shape
-    real = real_clips(frames, height, width, per_combo, seed)
-    truth, prompts = [v for _, v in real], [c.caption for c, _ in real]
+    """ssr against bicubic upsampling of the downsampled clip."""
     factor = stage.run.cascade.spatial_factor
-    bicubic = []
-    for part in _batches(len(truth)):
-        video = to_model_input(torch.from_numpy(np.stack(truth[part])), device)
-        bicubic += [to_uint8(v) for v in upsample_frames(downsample(video, factor), factor)]
-    ours = super_resolution(stage, text, vae, truth, prompts, list(range(len(truth))), device)
-    methods = {"ssr": ours, "bicubic": bicubic, "latent_bilinear": latent_condition(stage, vae, truth, device),
-               "vae_round_trip": vae_roundtrip(vae, truth), "truth": truth}
-    return {"size": [frames, height, width], "clips": len(truth), "ssr_condition": stage.run.cascade.ssr_condition,
-            **{name: scores(clips, truth, prompts) for name, clips in methods.items()}}
+    return _figures(stage, text, vae, per_combo, seed, device, {
+        "bicubic": lambda truth: _classical(truth, lambda v: downsample(v, factor),
+                                            lambda v: upsample_frames(v, factor), device)})
 
 
 def cascade_pass_rate(spec: CascadeSampleConfig, stages: list[Stage], text, vae: VideoVAE, single_run: str | Path,
@@ -136,7 +145,7 @@ def cascade_pass_rate(spec: CascadeSampleConfig, stages: list[Stage], text, vae:
     finals, first = [], None
     for part in _batches(len(prompts)):
         latents = run_cascade(stages, text, vae, prompts[part], seeds[part], None, spec.S_churn, seconds)
-        decoded = [[to_uint8(v) for v in vae.decode(x).clamp(-1, 1).float()] for x in latents]
+        decoded = [_decode(vae, x) for x in latents]
         finals += decoded[-1]
         if first is None:
             first = [d[0] for d in decoded]                             # the first prompt through every stage
