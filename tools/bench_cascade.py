@@ -4,6 +4,7 @@ stage against classical upsampling and the full cascade against a single-stage m
     python tools/bench_quality.py --root R          # first: the shards, the VAE and the single-stage DiT (R/dit)
     python tools/bench_cascade.py --root R [--ranks 2] [--skip-train] [--vae-steps N]
                                   [--steps base=N,tsr=N,ssr=N] [--single-steps N] [--gif docs/cascade/stages.gif]
+                                  [--other-tsr RUN]
 
 The cascade's VAE is R/vae, or with --vae-steps R/vae trained on to N steps (its last checkpoint resumed with the
 longer schedule) into R/cascade/vae, its extra minutes counted on the cascade's side. Stages, each through the
@@ -55,7 +56,9 @@ def _run(*cmd: str, env: dict | None = None, name: str = "") -> float:
 
 def logged_minutes(run: Path, since: int = 0) -> float:
     """A run's training time from step `since` (where it was resumed) from its TensorBoard log: the wall time from
-    the first to the last logged step, plus the steps before the first log line at the logged rate."""
+    the first to the last logged step, plus the steps before the first log line at the logged rate. Only the last
+    training counts: a folder retrained with --no-resume keeps the earlier runs' event files, and a logged step
+    lower than the one before it marks where the last training started."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     times = []
@@ -64,9 +67,11 @@ def logged_minutes(run: Path, since: int = 0) -> float:
         acc.Reload()
         if "train/loss" in acc.Tags()["scalars"]:
             times += [(e.step, e.wall_time) for e in acc.Scalars("train/loss")]
+    times.sort(key=lambda entry: entry[1])
+    restarts = [i for i in range(1, len(times)) if times[i][0] <= times[i - 1][0]]
+    times = times[restarts[-1]:] if restarts else times
     if len(times) < 2:
         raise SystemExit(f"bench_cascade: {run} has no training log to time (train it first)")
-    times.sort()
     (s0, t0), (s1, t1) = times[0], times[-1]
     return (t1 - t0) * (s1 - since) / max(s1 - s0, 1) / 60
 
@@ -106,6 +111,8 @@ def main() -> None:
                                                          "(default: use ROOT/dit)")
     parser.add_argument("--per-combo", type=int, default=2, help="held-out clips per combination (default 2)")
     parser.add_argument("--gif", type=Path, help="also copy the first prompt's stages GIF here")
+    parser.add_argument("--other-tsr", type=Path, help="also measure this tsr run (trained at another size, e.g. "
+                                                       "for order ssr-tsr) as the tsr stage is, with its settings")
     args = parser.parse_args()
     root = args.root.resolve()
     for needed in ("shards", "vae"):
@@ -157,13 +164,19 @@ def main() -> None:
 
     from vidiff.config import CascadeSampleConfig, load_config
     from vidiff.device import rank_device
-    from vidiff.eval.cascade import evaluate_cascade
+    from vidiff.eval.cascade import evaluate_cascade, tsr_figures
+    from vidiff.sampling import load_stage
 
     torch.set_grad_enabled(False)
     spec = load_config(REPO / "configs/cascade/sample.yaml", [f"{n}.run={runs[n]}" for n in STAGES],
                        CascadeSampleConfig)
     start = time.monotonic()
     result = evaluate_cascade(spec, single, args.per_combo, 0, rank_device(), root / "cascade" / "eval")
+    if args.other_tsr:
+        other = spec.model_copy(update={"tsr": spec.tsr.model_copy(update={"run": str(args.other_tsr)})})
+        stage, text, vae = load_stage("tsr", other, rank_device())
+        result["other_tsr"] = {"run": str(args.other_tsr), **tsr_figures(stage, text, vae, args.per_combo, 0,
+                                                                         rank_device())}
     if args.gif:
         args.gif.parent.mkdir(parents=True, exist_ok=True)
         args.gif.write_bytes((root / "cascade/eval/stages.gif").read_bytes())
@@ -175,6 +188,9 @@ def main() -> None:
         "ssr_psnr_beats_bicubic": ssr["ssr"]["psnr"] > ssr["bicubic"]["psnr"],
         "ssr_pass_rate_beats_bicubic": ssr["ssr"]["pass_rate"] > ssr["bicubic"]["pass_rate"],
     }
+    if "other_tsr" in result:
+        o = result["other_tsr"]
+        met["other_tsr_psnr_beats_repeat_and_linear"] = o["tsr"]["psnr"] > max(o["repeat"]["psnr"], o["linear"]["psnr"])
     cascade_side = [*STAGES, *(["vae"] if "vae" in minutes else [])]
     cascade_minutes = sum(minutes[n] for n in cascade_side)
     cpu = {"cpu_minutes": {k: round(v, 1) for k, v in CPU_MINUTES.items()},
