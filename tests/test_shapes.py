@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 
-from vidiff.data.synthetic import (ALL_COMBOS, CORRUPTIONS, SEEN_COMBOS, UNSEEN_COMBOS, corrupt, heldout_clips,
-                                   make_clips, radius_for)
+from vidiff.data.synthetic import (ALL_COMBOS, BACKGROUND, CORRUPTIONS, SEEN_COMBOS, UNSEEN_COMBOS, corrupt,
+                                   heldout_clips, make_clips, radius_for)
 from vidiff.data.video import decode_clip, encode_mp4
-from vidiff.eval.shapes import check_clip, parse_prompt
+from vidiff.eval.cascade import repeat_frames
+from vidiff.eval.shapes import check_clip, parse_prompt, track_error
 
 SIZE = (9, 48, 48)                                          # (frames, height, width): the benchmark's
 
@@ -81,3 +82,20 @@ def test_the_checker_passes_the_harder_sets():
     assert sum(len(c.objects) == 2 for c, _ in clips) >= 25 and sum(c.texture >= 0 for c, _ in clips) >= 20
     failures = [(c.caption, r.reasons) for c, v in clips if not (r := check_clip(_mp4(v), c.caption)).passed]
     assert not failures, failures
+
+
+def test_track_error_is_how_far_objects_are_from_where_the_truth_has_them(heldout):
+    """Repeated frames pass the motion sub-score (never a step back) but put the object one step behind in every
+    repeated frame: 4 of 9 frames off by its speed (less near a bounce). A frame without the object counts as the
+    frame's width."""
+    ratios = []
+    for clip, video in heldout:
+        assert track_error(video, video, clip.caption) == 0
+        repeated = repeat_frames(video[::2], 2)
+        assert check_clip(repeated, clip.caption).scores["motion"] == 1
+        ratios.append(track_error(repeated, video, clip.caption) / (4 * clip.objects[0].speed / 9))
+    assert 0.9 < np.median(ratios) < 1.1 and 0.5 < min(ratios) and max(ratios) < 1.2
+    clip, video = heldout[0]
+    blank = video.copy()
+    blank[3] = np.array(BACKGROUND, np.uint8)
+    assert track_error(blank, video, clip.caption) == pytest.approx(video.shape[2] / len(video))

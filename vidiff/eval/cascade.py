@@ -10,7 +10,9 @@
   checker's pass rate at the final size beside that of a single-stage model sampled at the same size, with each
   stage's network evaluations and seconds per clip.
 Scores: PSNR against the true clip (mean over clips of each clip's PSNR over all its frames), the checker's pass
-rate and its motion sub-score (vidiff/eval/shapes.py).
+rate and its motion sub-score (vidiff/eval/shapes.py: heads the prompted way, which repeated frames also do), and
+the track error: the mean distance in pixels of the checker's objects from where the true clip has them
+(shapes.track_error; lower is better).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vidiff.diffusion.cascade import Stage, evaluations_per_clip, generate, run_
 from vidiff.diffusion.conditions import (condition_from_clip, downsample, drop_frames,
                                          upsample_frames, upsample_video_time)
 from vidiff.eval.quality import real_clips, summarize, vae_roundtrip
-from vidiff.eval.shapes import check_clip
+from vidiff.eval.shapes import check_clip, track_error
 from vidiff.models.vae import VideoVAE, latent_shape
 from vidiff.sampling import load_stages, side_by_side
 from vidiff.train.objectives import load_denoiser
@@ -51,8 +53,9 @@ def clip_psnr(ours: list[np.ndarray], truth: list[np.ndarray]) -> float:
 
 def scores(clips: list[np.ndarray], truth: list[np.ndarray], prompts: list[str]) -> dict:
     checked = summarize([check_clip(c, p) for c, p in zip(clips, prompts)])
+    errors = [track_error(c, t, p) for c, t, p in zip(clips, truth, prompts)]
     return {"psnr": round(clip_psnr(clips, truth), 2), "pass_rate": checked["pass_rate"],
-            "motion": checked["motion"]}
+            "motion": checked["motion"], "track_error": round(float(np.nanmean(errors)), 3)}
 
 
 def _batches(n: int):

@@ -13,6 +13,8 @@ clip passes when, in every frame:
 Sub-scores are in [0, 1] (count, motion and coherence: the share of frames or frame steps that hold; shape: 1 or
 0); `passed` needs all four to be 1. Objects need a radius of about 8 pixels (frames of 48 pixels or more): smaller
 ones lose their shape to the mp4's chroma subsampling.
+Against a true clip of the same prompt (a super-resolution stage's output, say), `track_error` measures how far the
+objects are from where the true clip has them, frame by frame: the motion a prompt cannot judge.
 """
 
 from __future__ import annotations
@@ -165,20 +167,39 @@ def _motion(track: np.ndarray, phrase: Phrase, boxes: list[tuple[int, int, int, 
     return float(ok.mean()), reasons
 
 
-def check_clip(video: np.ndarray, prompt: str, min_area: int | None = None) -> CheckResult:
-    """Check uint8 frames (T, H, W, 3) against their prompt."""
-    phrases = parse_prompt(prompt)
+def frame_regions(video: np.ndarray, min_area: int | None = None) -> list[dict[str, list[Region]]]:
+    """uint8 frames (T, H, W, 3) -> per frame, per palette colour, that colour's objects."""
     frames, height, width = video.shape[:3]
     r = radius_for(height, width)
     min_area = min_area if min_area is not None else max(4, (r * r) // 2)
     lab = srgb_to_lab(video)                                                    # (T, H, W, 3)
     dist = np.linalg.norm(lab[..., None, :] - PALETTE_LAB, axis=-1)             # (T, H, W, K)
     nearest, near = dist.argmin(-1), dist.min(-1) < COLOR_DELTA_E
-    names = list(COLORS)
-    # regions[t][colour]: that colour's objects in frame t
     alpha = _alpha(video)
-    regions = [{c: _regions(near[t] & (nearest[t] == k), alpha[t, ..., k], lab[t], min_area)
-                for k, c in enumerate(names)} for t in range(frames)]
+    return [{c: _regions(near[t] & (nearest[t] == k), alpha[t, ..., k], lab[t], min_area)
+             for k, c in enumerate(COLORS)} for t in range(frames)]
+
+
+def track_error(video: np.ndarray, truth: np.ndarray, prompt: str, min_area: int | None = None) -> float:
+    """Where the prompted objects are against where they truly are: the mean distance (pixels) between each
+    prompted object's centroid in `video` and in the true clip `truth` (both uint8 (T, H, W, 3)), over frames and
+    objects. A frame where `video` does not show exactly one object of that colour counts as the frame's width
+    away; frames where the truth does not are left out. Unlike the motion sub-score, which asks only that an
+    object heads the prompted way (a repeated frame does), this asks that it is where the true clip has it."""
+    width = video.shape[2]
+    ours, true = frame_regions(video, min_area), frame_regions(truth, min_area)
+    errors = [float(np.hypot(*np.subtract(a[p.color][0].centroid, b[p.color][0].centroid)))
+              if len(a[p.color]) == 1 else float(width)
+              for p in parse_prompt(prompt) for a, b in zip(ours, true) if len(b[p.color]) == 1]
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def check_clip(video: np.ndarray, prompt: str, min_area: int | None = None) -> CheckResult:
+    """Check uint8 frames (T, H, W, 3) against their prompt."""
+    phrases = parse_prompt(prompt)
+    frames, height, width = video.shape[:3]
+    names = list(COLORS)
+    regions = frame_regions(video, min_area)           # regions[t][colour]: that colour's objects in frame t
     wanted = {c: sum(p.color == c for p in phrases) for c in names}
     count_ok = [all(len(regions[t][c]) == wanted[c] for c in names) for t in range(frames)]
     scores = {"count": float(np.mean(count_ok))}
