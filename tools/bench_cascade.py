@@ -1,19 +1,21 @@
 """The cascade benchmark on the moving-shapes ground truth: train the three stages, measure each super-resolution
 stage against classical upsampling and the full cascade against a single-stage model.
 
-    python tools/bench_quality.py --root R          # first: the shards, the VAE and the single-stage DiT (R/dit)
+    python tools/bench_quality.py --root R          # first: the VAE (R/vae) the cascade starts from
     python tools/bench_cascade.py --root R [--ranks 2] [--skip-train] [--vae-steps N]
                                   [--steps base=N,tsr=N,ssr=N] [--single-steps N] [--gif docs/cascade/stages.gif]
-                                  [--other-tsr RUN]
 
-The cascade's VAE is R/vae, or with --vae-steps R/vae trained on to N steps (its last checkpoint resumed with the
-longer schedule) into R/cascade/vae, its extra minutes counted on the cascade's side. Stages, each through the
-normal launcher, each timed: configs/cascade/{base,tsr,ssr}.yaml on R/shards with that VAE (the stages read pixel
-clips and make their conditions on the fly), into R/cascade/<stage>. The single-stage reference is R/dit (the
-quality recipe, about the cascade's total training time at the default steps), or with --single-steps a run of
-configs/bench/shapes_cpu.yaml at that many steps trained here with R/vae (cache-latents included in its minutes)
-into R/cascade/single. Then vidiff/eval/cascade.py on held-out clips and prompts, sampled with
-configs/cascade/sample.yaml's order, steps, guidance, augmentation and start levels.
+Shards: the cascade's final size and frame rate (the last stage's bucket, sample.yaml's fps: 17x48x48 at 16 fps,
+one second as the quality benchmark's 9 frames at 8 fps) are made here as pixel shards, R/cascade/shards and
+R/cascade/heldout (vidiff shards --synthetic, the quality benchmark's clip counts and splits). The VAE is R/vae, or
+with --vae-steps R/vae trained on to N steps on those shards (its last checkpoint resumed with the longer schedule)
+into R/cascade/vae; both sides sample through it, and its minutes count on neither. Stages, each through the normal
+launcher, each timed: configs/cascade/{base,tsr,ssr}.yaml on R/cascade/shards with that VAE (the stages read pixel
+clips and make their conditions on the fly), into R/cascade/<stage>. The single-stage reference samples the final
+size: R/dit when it does, or with --single-steps a run of configs/bench/shapes_cpu.yaml at the final size and that
+many steps trained here with that VAE (cache-latents included in its minutes) into R/cascade/single. Then
+vidiff/eval/cascade.py on held-out clips and prompts, sampled with configs/cascade/sample.yaml's order, steps,
+guidance, augmentation and start levels.
 Prints one JSON line: per stage its training minutes (wall, and CPU minutes of all its processes), frames, size,
 network evaluations and seconds per clip; the tsr and ssr figures beside their baselines; the cascade's and the
 single-stage model's checker pass rates; the training-minute ratio of the two sides, wall and CPU (measured in this
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STAGES = ("base", "tsr", "ssr")
+TRAIN_CLIPS, HELDOUT_CLIPS = 4000, 192          # as tools/bench_quality.py
 SINGLE_CONFIG = REPO / "configs/bench/shapes_cpu.yaml"
 VAE_CONFIG = REPO / "configs/bench/shapes_vae.yaml"
 
@@ -88,6 +91,15 @@ def continue_vae(source: Path, run: Path) -> int:
     return int(latest.removeprefix("step"))
 
 
+def final_size() -> tuple[int, int, int, int]:
+    """(frames, height, width, fps) of the cascade's last stage, as configs/cascade/ sets them."""
+    from vidiff.config import CascadeSampleConfig, load_config
+
+    spec = load_config(REPO / "configs/cascade/sample.yaml", [], CascadeSampleConfig)
+    last = spec.stages()[-1][0]
+    return (*load_config(REPO / f"configs/cascade/{last}.yaml").data.video_shape, spec.fps)
+
+
 def parse_steps(text: str | None) -> dict[str, int]:
     steps = {}
     for item in filter(None, (text or "").split(",")):
@@ -111,19 +123,24 @@ def main() -> None:
                                                          "(default: use ROOT/dit)")
     parser.add_argument("--per-combo", type=int, default=2, help="held-out clips per combination (default 2)")
     parser.add_argument("--gif", type=Path, help="also copy the first prompt's stages GIF here")
-    parser.add_argument("--other-tsr", type=Path, help="also measure this tsr run (trained at another size, e.g. "
-                                                       "for order ssr-tsr) as the tsr stage is, with its settings")
     args = parser.parse_args()
     root = args.root.resolve()
-    for needed in ("shards", "vae"):
-        if not (root / needed).is_dir():
-            raise SystemExit(f"bench_cascade: {root / needed} is missing; make it with python tools/bench_quality.py "
-                             f"--root {args.root}")
+    if not (root / "vae").is_dir():
+        raise SystemExit(f"bench_cascade: {root / 'vae'} is missing; make it with python tools/bench_quality.py "
+                         f"--root {args.root}")
     steps = parse_steps(args.steps)
     vidiff = [sys.executable, "-m", "vidiff"]
     env = {"NPROC": str(args.ranks)}
     runs = {name: root / "cascade" / name for name in STAGES}
+    frames, height, width, fps = final_size()
+    shards, heldout = root / "cascade" / "shards", root / "cascade" / "heldout"
+    final = [f"data.buckets=[[{frames}, {height}, {width}]]"]
     minutes, vae = {}, root / "vae"
+    if not args.skip_train:
+        size = ["--frames", str(frames), "--height", str(height), "--width", str(width), "--fps", str(fps),
+                "--max-count", "500"]
+        _run(*vidiff, "shards", "--synthetic", str(TRAIN_CLIPS), "--out", str(shards), *size)
+        _run(*vidiff, "shards", "--synthetic", str(HELDOUT_CLIPS), "--split", "heldout", "--out", str(heldout), *size)
     if args.vae_steps:
         vae = root / "cascade" / "vae"
         if args.skip_train:
@@ -131,8 +148,8 @@ def main() -> None:
         else:
             since = continue_vae(root / "vae", vae)
             (vae / "resumed_from.json").write_text(json.dumps(since))
-            minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), f"out_dir={vae}",
-                                  f"data.shards={root / 'shards'}", f"data.eval_shards={root / 'heldout'}",
+            minutes["vae"] = _run("launchers/local.sh", str(VAE_CONFIG), f"out_dir={vae}", *final,
+                                  f"data.shards={shards}", f"data.eval_shards={heldout}",
                                   f"train.steps={args.vae_steps}", f"train.checkpoint_every={args.vae_steps}",
                                   env=env, name="vae")
     for name in STAGES:
@@ -141,7 +158,7 @@ def main() -> None:
             continue
         extra = [f"train.steps={steps[name]}", f"train.checkpoint_every={steps[name]}"] if name in steps else []
         minutes[name] = _run("launchers/local.sh", str(REPO / f"configs/cascade/{name}.yaml"), f"out_dir={runs[name]}",
-                             f"data.shards={root / 'shards'}", f"vae.checkpoint={vae}", *extra,
+                             f"data.shards={shards}", f"vae.checkpoint={vae}", *extra,
                              "--no-resume", env=env, name=name)
     single = root / "dit"
     if args.single_steps:
@@ -149,9 +166,10 @@ def main() -> None:
         if args.skip_train:
             minutes["single"] = logged_minutes(single)
         else:
-            common = [f"vae.checkpoint={root / 'vae'}", f"train.steps={args.single_steps}", "data.eval_shards=null",
-                      f"train.checkpoint_every={args.single_steps}", "train.eval_every=0"]
-            minutes["single"] = _run(*vidiff, "cache-latents", str(SINGLE_CONFIG), f"data.shards={root / 'shards'}",
+            common = [f"vae.checkpoint={vae}", f"train.steps={args.single_steps}", "data.eval_shards=null",
+                      f"train.checkpoint_every={args.single_steps}", "train.eval_every=0", *final,
+                      f"sample.fps={fps}"]
+            minutes["single"] = _run(*vidiff, "cache-latents", str(SINGLE_CONFIG), f"data.shards={shards}",
                                      *common, "--text", "--windows", "1", "--out", str(root / "cascade/latents"),
                                      name="single")
             minutes["single"] += _run("launchers/local.sh", str(SINGLE_CONFIG), f"out_dir={single}",
@@ -164,38 +182,28 @@ def main() -> None:
 
     from vidiff.config import CascadeSampleConfig, load_config
     from vidiff.device import rank_device
-    from vidiff.eval.cascade import evaluate_cascade, tsr_figures
-    from vidiff.sampling import load_stage
+    from vidiff.eval.cascade import evaluate_cascade
 
     torch.set_grad_enabled(False)
     spec = load_config(REPO / "configs/cascade/sample.yaml", [f"{n}.run={runs[n]}" for n in STAGES],
                        CascadeSampleConfig)
     start = time.monotonic()
     result = evaluate_cascade(spec, single, args.per_combo, 0, rank_device(), root / "cascade" / "eval")
-    if args.other_tsr:
-        other = spec.model_copy(update={"tsr": spec.tsr.model_copy(update={"run": str(args.other_tsr)})})
-        stage, text, vae = load_stage("tsr", other, rank_device())
-        result["other_tsr"] = {"run": str(args.other_tsr), **tsr_figures(stage, text, vae, args.per_combo, 0,
-                                                                         rank_device())}
     if args.gif:
         args.gif.parent.mkdir(parents=True, exist_ok=True)
         args.gif.write_bytes((root / "cascade/eval/stages.gif").read_bytes())
     tsr, ssr = result["tsr"], result["ssr"]
     met = {
         "tsr_psnr_beats_repeat_and_linear": tsr["tsr"]["psnr"] > max(tsr["repeat"]["psnr"], tsr["linear"]["psnr"]),
-        "tsr_motion_beats_repeat_and_linear": tsr["tsr"]["motion"] > max(tsr["repeat"]["motion"],
-                                                                         tsr["linear"]["motion"]),
+        "tsr_track_error_beats_repeat_and_linear": tsr["tsr"]["track_error"] < min(tsr["repeat"]["track_error"],
+                                                                                  tsr["linear"]["track_error"]),
         "ssr_psnr_beats_bicubic": ssr["ssr"]["psnr"] > ssr["bicubic"]["psnr"],
         "ssr_pass_rate_beats_bicubic": ssr["ssr"]["pass_rate"] > ssr["bicubic"]["pass_rate"],
     }
-    if "other_tsr" in result:
-        o = result["other_tsr"]
-        met["other_tsr_psnr_beats_repeat_and_linear"] = o["tsr"]["psnr"] > max(o["repeat"]["psnr"], o["linear"]["psnr"])
-    cascade_side = [*STAGES, *(["vae"] if "vae" in minutes else [])]
-    cascade_minutes = sum(minutes[n] for n in cascade_side)
+    cascade_minutes = sum(minutes[n] for n in STAGES)
     cpu = {"cpu_minutes": {k: round(v, 1) for k, v in CPU_MINUTES.items()},
-           "cascade_over_single_cpu": round(sum(CPU_MINUTES[n] for n in cascade_side) / CPU_MINUTES["single"], 3)} \
-        if "single" in CPU_MINUTES and all(n in CPU_MINUTES for n in cascade_side) else {}
+           "cascade_over_single_cpu": round(sum(CPU_MINUTES[n] for n in STAGES) / CPU_MINUTES["single"], 3)} \
+        if all(n in CPU_MINUTES for n in (*STAGES, "single")) else {}
     print(json.dumps({"bench": "cascade", **result, "met": met,
                       "train_minutes": {k: round(v, 1) for k, v in minutes.items()}, **cpu,
                       "cascade_over_single_minutes": round(cascade_minutes / minutes["single"], 3),
