@@ -36,8 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_quality import HELDOUT_CLIPS, TRAIN_CLIPS  # noqa: E402  (tools/, this script's folder)
+
 STAGES = ("base", "tsr", "ssr")
-TRAIN_CLIPS, HELDOUT_CLIPS = 4000, 192          # as tools/bench_quality.py
 SINGLE_CONFIG = REPO / "configs/bench/shapes_cpu.yaml"
 VAE_CONFIG = REPO / "configs/bench/shapes_vae.yaml"
 
@@ -100,6 +101,18 @@ def final_size() -> tuple[int, int, int, int]:
     return (*load_config(REPO / f"configs/cascade/{last}.yaml").data.video_shape, spec.fps)
 
 
+def check_single(run: Path, size: tuple[int, int, int]) -> None:
+    """Before any training: the single-stage reference given must sample the cascade's final size."""
+    from vidiff.config import load_config
+
+    config = run / "config.yaml"
+    shape = load_config(config).data.video_shape if config.is_file() else None
+    if shape != size:
+        found = f"samples {shape}" if shape else "is not a run (no config.yaml)"
+        raise SystemExit(f"bench_cascade: the single-stage reference {run} {found}, the cascade ends at {size}: "
+                         "give --single-steps N to train one at that size")
+
+
 def parse_steps(text: str | None) -> dict[str, int]:
     steps = {}
     for item in filter(None, (text or "").split(",")):
@@ -135,6 +148,9 @@ def main() -> None:
     frames, height, width, fps = final_size()
     shards, heldout = root / "cascade" / "shards", root / "cascade" / "heldout"
     final = [f"data.buckets=[[{frames}, {height}, {width}]]"]
+    single = root / "cascade" / "single" if args.single_steps else root / "dit"
+    if not args.single_steps:
+        check_single(single, (frames, height, width))
     minutes, vae = {}, root / "vae"
     if not args.skip_train:
         size = ["--frames", str(frames), "--height", str(height), "--width", str(width), "--fps", str(fps),
@@ -160,9 +176,7 @@ def main() -> None:
         minutes[name] = _run("launchers/local.sh", str(REPO / f"configs/cascade/{name}.yaml"), f"out_dir={runs[name]}",
                              f"data.shards={shards}", f"vae.checkpoint={vae}", *extra,
                              "--no-resume", env=env, name=name)
-    single = root / "dit"
     if args.single_steps:
-        single = root / "cascade" / "single"
         if args.skip_train:
             minutes["single"] = logged_minutes(single)
         else:
